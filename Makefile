@@ -1,0 +1,115 @@
+# Dogs vs. Cats Redux: images -> uint8 arrays -> GAP features -> CV heads -> clipped submission.
+# Every target is one CLI call; file targets declare their inputs so `make` redoes only what is
+# stale. `make help` lists targets and variables.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := submission
+.SECONDEXPANSION:
+
+## Variables (override on the command line: make submission BACKBONES="resnet50" HEAD=keras)
+PYTHON ?= python3
+VENV ?= .venv
+DATA_DIR ?= data
+BACKBONES ?= inception_v3 xception resnet50
+HEAD ?= logreg
+TTA ?= none
+FOLDS ?= 5
+SEED ?= 2017
+WEIGHTS ?= imagenet
+WEIGHTS_DIR ?=
+PRECISION ?= float32
+BATCH_SIZE ?= 32
+CLIP ?= auto
+WORKERS ?=
+
+PY := $(VENV)/bin/python
+CLI := $(PY) -m dogscats.cli
+SETUP := $(VENV)/.installed
+export WEIGHTS_DIR
+
+# Derived files live apart per dataset: the folder name plus a hash of DATA_DIR's absolute path
+# (src/dogscats/config.py:dataset_key computes the same; a test keeps them in step).
+ABS_DATA := $(abspath $(DATA_DIR))
+DS := $(notdir $(ABS_DATA))-$(shell printf '%s' '$(ABS_DATA)' | sha1sum | cut -c1-8)
+OUT := features/$(DS)
+ARR := $(OUT)/arrays
+
+# name:input_size pairs from the registry (stdlib only: answers before the venv exists).
+PLAN := $(shell PYTHONPATH=src $(PYTHON) -m dogscats.cli backbones --sizes $(BACKBONES))
+NAMES := $(foreach p,$(PLAN),$(firstword $(subst :, ,$(p))))
+SIZES := $(sort $(foreach p,$(PLAN),$(lastword $(subst :, ,$(p)))))
+size_of = $(lastword $(subst :, ,$(filter $(1):%,$(PLAN))))
+
+empty :=
+space := $(empty) $(empty)
+flag = $(if $(filter $(2),$(1)),$(3))
+TAG := $(call flag,$(WEIGHTS),random,.random)$(call flag,$(PRECISION),bfloat16,.bf16)$(call flag,$(TTA),flip,.flip)
+FEATURE_FILES := $(foreach n,$(NAMES),$(OUT)/$(n)$(TAG).h5)
+RUN := $(subst $(space),+,$(NAMES))__$(HEAD)$(subst .,__,$(TAG))$(if $(filter-out 5,$(FOLDS)),__folds$(FOLDS))$(if $(filter-out 2017,$(SEED)),__seed$(SEED))
+RUN_DIR := $(OUT)/models/$(RUN)
+SUBMISSION ?= submissions/$(DS)/$(RUN)$(if $(filter-out auto,$(CLIP)),__clip$(CLIP)).csv
+LABELS ?= $(DATA_DIR)/test_labels.csv
+
+.PHONY: help setup data preprocess features train submission score backbones test lint clean \
+	check-backbones
+
+help: ## list targets and variables
+	@grep -E '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@echo "Variables:"; sed -n 's/^\([A-Z_]*\) ?= \(.*\)/  \1=\2/p' $(MAKEFILE_LIST)
+
+setup: $(SETUP) ## create .venv and install the package with its dependencies
+
+$(SETUP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+check-backbones:
+	@test -n "$(PLAN)" || { echo "error: BACKBONES='$(BACKBONES)' names no registered backbone (make backbones lists them)" >&2; exit 2; }
+
+backbones: | $(SETUP) ## list the backbone registry
+	@$(CLI) backbones
+
+data: | $(SETUP) ## check DATA_DIR; unzip or download the competition (Kaggle CLI) if missing
+	$(CLI) data --data-dir '$(DATA_DIR)'
+
+preprocess: $(foreach s,$(SIZES),$(ARR)/$(s)/manifest.json) | check-backbones ## images -> uint8 arrays, one per input size
+
+$(ARR)/%/manifest.json: $(wildcard $(DATA_DIR)/train $(DATA_DIR)/test) | $(SETUP)
+	$(CLI) data --data-dir '$(DATA_DIR)'
+	$(CLI) preprocess --data-dir '$(DATA_DIR)' --size $* --out $(ARR)/$* $(if $(WORKERS),--workers $(WORKERS))
+
+features: $(FEATURE_FILES) | check-backbones ## GAP features of each of BACKBONES
+
+$(OUT)/%$(TAG).h5: $(ARR)/$$(call size_of,$$*)/manifest.json | $(SETUP)
+	$(CLI) features --data-dir '$(DATA_DIR)' --backbone $* --weights $(WEIGHTS) --tta $(TTA) \
+		--precision $(PRECISION) --batch-size $(BATCH_SIZE) --arrays $(ARR)/$(call size_of,$*) --out $@
+
+train: $(RUN_DIR)/metrics.json ## cross-validated head on the concatenated features
+
+$(RUN_DIR)/metrics.json: $(FEATURE_FILES) | check-backbones $(SETUP)
+	$(CLI) train --features $(FEATURE_FILES) --out $(RUN_DIR) --head $(HEAD) --tta $(TTA) \
+		--folds $(FOLDS) --seed $(SEED)
+
+submission: $(SUBMISSION) ## (default) clipped submission CSV; redoes only what is stale
+	@$(if $(SUBMISSION_MADE),:,echo "$(SUBMISSION) is up to date: nothing to redo.")
+
+$(SUBMISSION): $(RUN_DIR)/metrics.json $(wildcard $(DATA_DIR)/sample_submission.csv) | $(SETUP)
+	$(eval SUBMISSION_MADE := 1)
+	$(CLI) submission --run-dir $(RUN_DIR) --sample-submission '$(DATA_DIR)/sample_submission.csv' \
+		--out $@ --clip $(CLIP)
+
+score: | $(SETUP) ## log loss and accuracy of SUBMISSION against LABELS (id,label)
+	@$(CLI) score --submission '$(SUBMISSION)' --labels '$(LABELS)'
+
+test: | $(SETUP) ## the whole test suite
+	$(PY) -m pytest
+
+lint: | $(SETUP) ## ruff
+	$(VENV)/bin/ruff check src tests scripts
+
+clean: ## remove caches of Python (never data, features or submissions)
+	find . -name __pycache__ -type d -prune -exec rm -rf {} + ; rm -rf .pytest_cache .ruff_cache
+
+print-%: ; @echo '$($*)'

@@ -1,0 +1,201 @@
+"""The one command line the Makefile calls: `python -m dogscats.cli <stage> --help`.
+
+Subcommands mirror the stage functions' keyword arguments and hold no logic. Stage modules are
+imported inside each command, so `backbones` answers without loading TensorFlow or NumPy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+from dogscats import config
+
+Command = Callable[[argparse.Namespace], None]
+_COMMANDS: dict[str, tuple[Command, Callable[[argparse.ArgumentParser], None], str]] = {}
+
+
+def command(name: str, help: str):
+    """Register `func` as a subcommand whose arguments are added by `add_args`."""
+
+    def decorator(add_args: Callable[[argparse.ArgumentParser], None]):
+        def wrap(func: Command) -> Command:
+            _COMMANDS[name] = (func, add_args, help)
+            return func
+
+        return wrap
+
+    return decorator
+
+
+def _data_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data-dir",
+        default=str(config.DEFAULT_DATA_DIR),
+        help="competition folder with train/, test/, sample_submission.csv",
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _backbones_args(p):
+    p.add_argument("names", nargs="*", help="wildcard (listing) or names (with --sizes)")
+    p.add_argument(
+        "--sizes",
+        action="store_true",
+        help="print name:input_size for the given names (`offline` expands)",
+    )
+
+
+@command("backbones", "list the backbone registry")(_backbones_args)
+def backbones_cmd(args):
+    from dogscats import backbones
+
+    if args.sizes:
+        names = backbones.expand_names(args.names)
+        print(" ".join(f"{n}:{backbones.get_backbone(n).input_size}" for n in names))
+        return
+    pattern = args.names[0] if args.names else "*"
+    print(f"{'name':22} {'size':>4} {'dim':>5}  weights")
+    for name in backbones.list_backbones(pattern):
+        spec = backbones.get_backbone(name)
+        print(f"{name:22} {spec.input_size:>4} {spec.feature_dim:>5}  {spec.weights_source}")
+
+
+def _data_args(p):
+    _data_dir(p)
+
+
+@command("data", "check DATA_DIR, or unzip / download the competition into it")(_data_args)
+def data_cmd(args):
+    from dogscats import data
+
+    data.ensure_data(args.data_dir)
+
+
+def _preprocess_args(p):
+    _data_dir(p)
+    p.add_argument("--size", type=int, nargs="+", required=True, help="input sizes, e.g. 224")
+    p.add_argument("--out", help="arrays folder (one size only); default per dataset and size")
+    p.add_argument("--workers", type=int, default=None, help="decoding processes (all cores)")
+
+
+@command("preprocess", "decode, RGB, resize: uint8 arrays on disk")(_preprocess_args)
+def preprocess_cmd(args):
+    from dogscats import arrays
+
+    if args.out and len(args.size) > 1:
+        raise ValueError("--out takes one --size. Received sizes: " + repr(args.size))
+    for size in args.size:
+        arrays.preprocess(args.data_dir, size, out_dir=args.out, workers=args.workers)
+
+
+def _features_args(p):
+    _data_dir(p)
+    p.add_argument("--backbone", required=True)
+    p.add_argument("--weights", default="imagenet", help="imagenet | random | path")
+    p.add_argument(
+        "--weights-dir",
+        default=os.environ.get("WEIGHTS_DIR") or None,
+        help="folder with the standard Keras *_notop.h5 files (offline)",
+    )
+    p.add_argument("--tta", default="none", choices=["none", "flip"])
+    p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--arrays", help="arrays folder; default per dataset and input size")
+    p.add_argument("--out", help="feature file; default features/<dataset>/<backbone>.h5")
+
+
+@command("features", "GAP features of one backbone into an .h5 file")(_features_args)
+def features_cmd(args):
+    from dogscats import features
+
+    features.extract(
+        args.data_dir,
+        args.backbone,
+        weights=args.weights,
+        weights_dir=args.weights_dir,
+        tta=args.tta,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        arrays_dir=args.arrays,
+        out=args.out,
+    )
+
+
+def _train_args(p):
+    p.add_argument("--features", nargs="+", required=True, help="feature files to concatenate")
+    p.add_argument("--out", required=True, help="run folder to write")
+    p.add_argument("--head", default=config.DEFAULT_HEAD, choices=config.HEADS)
+    p.add_argument("--tta", default="none", choices=["none", "flip"])
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--seed", type=int, default=config.SEED)
+
+
+@command("train", "cross-validated head on concatenated features")(_train_args)
+def train_cmd(args):
+    from dogscats import heads
+
+    heads.train(
+        args.features, args.out, head=args.head, tta=args.tta, n_folds=args.folds, seed=args.seed
+    )
+
+
+def _submission_args(p):
+    p.add_argument("--run-dir", required=True, help="run folder written by `train`")
+    p.add_argument("--sample-submission", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--clip", default="auto", help="auto (from out-of-fold) or a value")
+
+
+@command("submission", "clipped submission CSV from a run folder")(_submission_args)
+def submission_cmd(args):
+    from dogscats import submission
+
+    clip = None if args.clip == "auto" else float(args.clip)
+    submission.write_submission(args.run_dir, args.sample_submission, args.out, clip)
+
+
+def _score_args(p):
+    p.add_argument("--submission", required=True)
+    p.add_argument("--labels", required=True, help="id,label file of the true labels")
+
+
+@command("score", "log loss and accuracy of a submission")(_score_args)
+def score_cmd(args):
+    from dogscats import submission
+
+    result = submission.score(args.submission, args.labels)
+    print(f"log_loss={result['log_loss']:.5f} accuracy={result['accuracy']:.4f}")
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dogscats", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (func, add_args, help_text) in _COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_args(p)
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as error:
+        # Expected failures (bad input, missing files or weights) end with the message alone.
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
