@@ -21,6 +21,10 @@ PRECISION ?= float32
 BATCH_SIZE ?= 32
 CLIP ?= auto
 WORKERS ?=
+BACKBONE ?= efficientnet_lite0
+BLOCKS ?= 1
+AUGMENT ?= flip
+FT_HEAD ?= logreg
 
 PY := $(VENV)/bin/python
 CLI := $(PY) -m dogscats.cli
@@ -35,7 +39,7 @@ OUT := features/$(DS)
 ARR := $(OUT)/arrays
 
 # name:input_size pairs from the registry (stdlib only: answers before the venv exists).
-PLAN := $(shell PYTHONPATH=src $(PYTHON) -m dogscats.cli backbones --sizes $(BACKBONES))
+PLAN := $(shell PYTHONPATH=src $(PYTHON) -m dogscats.cli backbones --sizes $(BACKBONES) $(if $(filter finetune,$(HEAD) $(MAKECMDGOALS)),$(BACKBONE)))
 NAMES := $(foreach p,$(PLAN),$(firstword $(subst :, ,$(p))))
 SIZES := $(sort $(foreach p,$(PLAN),$(lastword $(subst :, ,$(p)))))
 size_of = $(lastword $(subst :, ,$(filter $(1):%,$(PLAN))))
@@ -45,12 +49,20 @@ space := $(empty) $(empty)
 flag = $(if $(filter $(2),$(1)),$(3))
 TAG := $(call flag,$(WEIGHTS),random,.random)$(call flag,$(PRECISION),bfloat16,.bf16)$(call flag,$(TTA),flip,.flip)
 FEATURE_FILES := $(foreach n,$(NAMES),$(OUT)/$(n)$(TAG).h5)
-RUN := $(subst $(space),+,$(NAMES))__$(HEAD)$(subst .,__,$(TAG))$(if $(filter-out 5,$(FOLDS)),__folds$(FOLDS))$(if $(filter-out 2017,$(SEED)),__seed$(SEED))
+TAG_PARTS := $(subst .,__,$(TAG))$(if $(filter-out 5,$(FOLDS)),__folds$(FOLDS))$(if $(filter-out 2017,$(SEED)),__seed$(SEED))
+# Fine-tuning starts from the head fitted on BACKBONE's features alone (FT_HEAD), fold by fold.
+FT_HEAD_RUN := $(OUT)/models/$(BACKBONE)__$(FT_HEAD)$(TAG_PARTS)
+FT_RUN := $(BACKBONE)__finetune$(BLOCKS)__aug$(AUGMENT)$(TAG_PARTS)
+RUN := $(subst $(space),+,$(NAMES))__$(HEAD)$(TAG_PARTS)
+ifeq ($(HEAD),finetune)
+RUN := $(FT_RUN)
+FEATURE_FILES := $(OUT)/$(BACKBONE)$(TAG).h5
+endif
 RUN_DIR := $(OUT)/models/$(RUN)
 SUBMISSION ?= submissions/$(DS)/$(RUN)$(if $(filter-out auto,$(CLIP)),__clip$(CLIP)).csv
 LABELS ?= $(DATA_DIR)/test_labels.csv
 
-.PHONY: help setup data preprocess features train submission score backbones test lint clean \
+.PHONY: help setup data preprocess features train finetune submission score backbones test lint clean \
 	check-backbones
 
 help: ## list targets and variables
@@ -88,9 +100,25 @@ $(OUT)/%$(TAG).h5: $(ARR)/$$(call size_of,$$*)/manifest.json | $(SETUP)
 
 train: $(RUN_DIR)/metrics.json ## cross-validated head on the concatenated features
 
+# $(call train_head,feature files,run folder,head)
+train_head = $(CLI) train --features $(1) --out $(2) --head $(3) --tta $(TTA) --folds $(FOLDS) --seed $(SEED)
+
+ifneq ($(HEAD),finetune)
 $(RUN_DIR)/metrics.json: $(FEATURE_FILES) | check-backbones $(SETUP)
-	$(CLI) train --features $(FEATURE_FILES) --out $(RUN_DIR) --head $(HEAD) --tta $(TTA) \
-		--folds $(FOLDS) --seed $(SEED)
+	$(call train_head,$(FEATURE_FILES),$(@D),$(HEAD))
+endif
+
+ifneq ($(FT_HEAD_RUN),$(RUN_DIR))
+$(FT_HEAD_RUN)/metrics.json: $(OUT)/$(BACKBONE)$(TAG).h5 | $(SETUP)
+	$(call train_head,$<,$(@D),$(FT_HEAD))
+endif
+
+finetune: $(OUT)/models/$(FT_RUN)/metrics.json ## fine-tune BLOCKS top blocks of BACKBONE, per fold
+
+$(OUT)/models/$(FT_RUN)/metrics.json: $(FT_HEAD_RUN)/metrics.json $(ARR)/$$(call size_of,$(BACKBONE))/manifest.json | $(SETUP)
+	$(CLI) finetune --data-dir '$(DATA_DIR)' --backbone $(BACKBONE) --blocks $(BLOCKS) \
+		--head-run $(FT_HEAD_RUN) --augment $(AUGMENT) --weights $(WEIGHTS) \
+		--arrays $(ARR)/$(call size_of,$(BACKBONE)) --out $(@D)
 
 submission: $(SUBMISSION) ## (default) clipped submission CSV; redoes only what is stale
 	@$(if $(SUBMISSION_MADE),:,echo "$(SUBMISSION) is up to date: nothing to redo.")

@@ -144,6 +144,37 @@ def train_cmd(args):
     )
 
 
+def _finetune_args(p):
+    _data_dir(p)
+    p.add_argument("--backbone", required=True)
+    p.add_argument("--blocks", type=int, default=1, help="top blocks to unfreeze")
+    p.add_argument("--head-run", required=True, help="run folder of the head to start from")
+    p.add_argument("--augment", default="flip", choices=["flip", "full"])
+    p.add_argument("--weights", default="imagenet", help="imagenet | random")
+    p.add_argument("--weights-dir", default=os.environ.get("WEIGHTS_DIR") or None)
+    p.add_argument("--arrays", help="arrays folder; default per dataset and input size")
+    p.add_argument("--out", required=True, help="run folder to write")
+    p.add_argument("--epochs", type=int, default=None, help="most epochs per fold")
+
+
+@command("finetune", "fine-tune a backbone's top blocks, fold by fold")(_finetune_args)
+def finetune_cmd(args):
+    from dogscats import finetune
+
+    finetune.finetune(
+        args.data_dir,
+        args.backbone,
+        blocks=args.blocks,
+        head_run=args.head_run,
+        augment=args.augment,
+        weights=args.weights,
+        weights_dir=args.weights_dir,
+        arrays_dir=args.arrays,
+        out=args.out,
+        **({"epochs": args.epochs} if args.epochs else {}),
+    )
+
+
 def _submission_args(p):
     p.add_argument("--run-dir", required=True, help="run folder written by `train`")
     p.add_argument("--sample-submission", required=True)
