@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,14 @@ from dogscats.features import load_features
 HEADS, DEFAULT_HEAD = config.HEADS, config.DEFAULT_HEAD
 
 
-class LogisticHead(ClassifierMixin, BaseEstimator):
+class _BinaryHead(ClassifierMixin, BaseEstimator):
+    """predict() from predict_proba(), shared by the heads."""
+
+    def predict(self, X):
+        return (self.predict_proba(X)[:, 1] > 0.5).astype(int)
+
+
+class LogisticHead(_BinaryHead):
     """Standardised features, then L2 logistic regression with C picked by inner stratified CV."""
 
     def __init__(
@@ -53,15 +61,20 @@ class LogisticHead(ClassifierMixin, BaseEstimator):
     def fit(self, X, y, X_val=None, y_val=None):  # X_val unused: C comes from inner CV
         X, y = check_X_y(X, y, dtype=np.float32)
         inner = StratifiedKFold(self.inner_folds, shuffle=True, random_state=self.random_state)
-        self.pipeline_ = make_pipeline(
+        with warnings.catch_warnings():  # scikit-learn 1.8+ announces API changes we don't use
+            warnings.simplefilter("ignore", FutureWarning)
+            self.pipeline_ = self._pipeline(inner).fit(X, y)
+        self.classes_ = self.pipeline_.classes_
+        self.C_ = float(np.ravel(self.pipeline_[-1].C_)[0])
+        return self
+
+    def _pipeline(self, inner):
+        return make_pipeline(
             StandardScaler(),
             LogisticRegressionCV(
                 Cs=list(self.Cs), cv=inner, scoring="neg_log_loss", max_iter=self.max_iter
             ),
-        ).fit(X, y)
-        self.classes_ = self.pipeline_.classes_
-        self.C_ = float(self.pipeline_[-1].C_[0])
-        return self
+        )
 
     def predict_proba(self, X):
         check_is_fitted(self)
@@ -79,7 +92,7 @@ class LogisticHead(ClassifierMixin, BaseEstimator):
         return kernel[:, None].astype("float32"), np.array([bias], "float32")
 
 
-class KerasHead(ClassifierMixin, BaseEstimator):
+class KerasHead(_BinaryHead):
     """Dropout + Dense(1, sigmoid), the classic frozen-feature head, trained with Adam.
 
     `fit(X, y, X_val, y_val)` early-stops on the validation loss (the CV fold's held-out part,

@@ -90,9 +90,10 @@ def write_submission(
     )
     clipped_oof = log_loss(oof["label"], clip(oof["pred"].to_numpy(), c))
     ids = read_ids(sample_submission)
-    frame = pd.DataFrame({"id": ids}).merge(test, on="id", how="left")
-    frame = frame.rename(columns={"pred": "label"})
+    frame = test.rename(columns={"pred": "label"})
     frame["label"] = clip(frame["label"].to_numpy(), c)
+    if set(frame["id"]) == set(ids) and not frame["id"].duplicated().any():
+        frame = frame.set_index("id").loc[ids].reset_index()  # sample_submission's order
     check_submission(frame, ids)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")

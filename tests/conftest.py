@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny Kaggle-layout datasets made on the fly, and the ../shared locator."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under ../shared, or skip the test with the reason when it is absent."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent: this test needs the shared data beside the checkout")
+    return path
+
+
+def write_kaggle_dataset(
+    root: Path, n_train: int = 8, n_test: int = 6, size: int = 40, seed: int = 0
+) -> Path:
+    """A Kaggle-layout folder: cats are reddish, dogs bluish, so a head can learn them."""
+    import cv2
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    (root / "train").mkdir(parents=True)
+    (root / "test").mkdir()
+
+    def image(dog: bool) -> np.ndarray:
+        rgb = rng.integers(0, 90, (size, size, 3), dtype=np.uint8)
+        rgb[..., 2 if dog else 0] += 150
+        return rgb
+
+    def bgr(rgb: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(rgb[..., ::-1])  # OpenCV writes BGR
+
+    for i in range(n_train):
+        for label, name in ((0, "cat"), (1, "dog")):
+            cv2.imwrite(str(root / "train" / f"{name}.{i}.jpg"), bgr(image(label)))
+    for i in range(1, n_test + 1):
+        cv2.imwrite(str(root / "test" / f"{i}.jpg"), bgr(image(i % 2 == 0)))
+    ids = list(range(1, n_test + 1))
+    pd.DataFrame({"id": ids, "label": 0.5}).to_csv(root / "sample_submission.csv", index=False)
+    pd.DataFrame({"id": ids, "label": [i % 2 for i in ids]}).to_csv(
+        root / "test_labels.csv", index=False
+    )
+    return root
+
+
+@pytest.fixture
+def kaggle_dataset(tmp_path: Path) -> Path:
+    return write_kaggle_dataset(tmp_path / "comp")

@@ -1,0 +1,122 @@
+"""Heads as scikit-learn estimators, folds, feature-set alignment and the train stage."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+
+from dogscats import heads
+
+
+def separable(n=200, dim=16, seed=0):
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 2
+    X = rng.normal(size=(n, dim)).astype("float32")
+    X[:, 0] += 3 * (2 * y - 1)
+    return X, y
+
+
+def sigmoid(z):
+    return 1 / (1 + np.exp(-z))
+
+
+def test_folds_partition_rows_and_are_stratified():
+    y = np.array([0] * 70 + [1] * 30)
+    folds = heads.make_folds(y, n_folds=5, seed=1)
+    assert sorted(np.unique(folds)) == [0, 1, 2, 3, 4]
+    for fold in range(5):
+        assert (folds == fold).sum() == 20
+        assert y[folds == fold].sum() == 6  # 30% dogs in every fold
+    assert np.array_equal(folds, heads.make_folds(y, n_folds=5, seed=1))
+    assert not np.array_equal(folds, heads.make_folds(y, n_folds=5, seed=2))
+
+
+def test_logistic_head_follows_the_estimator_api():
+    X, y = separable()
+    head = heads.LogisticHead(random_state=0)
+    with pytest.raises(NotFittedError):
+        head.predict_proba(X)
+    assert clone(head).get_params() == head.get_params()
+    fitted = head.fit(X, y)
+    assert fitted is head
+    assert head.C_ in head.Cs
+    assert head.score(X, y) > 0.95
+    kernel, bias = head.dense_weights()
+    folded = sigmoid(X @ kernel[:, 0] + bias[0])
+    assert np.allclose(folded, head.predict_proba(X)[:, 1], atol=1e-5)
+
+
+def test_keras_head_early_stops_pickles_and_exposes_dense_weights():
+    X, y = separable()
+    head = heads.KerasHead(
+        epochs=50, batch_size=32, learning_rate=1e-2, patience=5, random_state=0
+    ).fit(X[:150], y[:150], X[150:], y[150:])
+    assert 1 <= head.epochs_ <= 50
+    p = head.predict_proba(X)
+    assert p.shape == (200, 2) and np.allclose(p.sum(axis=1), 1)
+    assert head.score(X, y) > 0.9
+    copy = pickle.loads(pickle.dumps(head))
+    assert np.allclose(copy.predict_proba(X), p, atol=1e-6)
+    kernel, bias = head.dense_weights()
+    assert np.allclose(sigmoid(X @ kernel[:, 0] + bias[0]), p[:, 1], atol=1e-5)
+
+
+def write_features(path, ids, labels, feats, test_ids, test_feats, flip=False):
+    with h5py.File(path, "w") as f:
+        for split, i, x, lab in (
+            ("train", ids, feats, labels),
+            ("test", test_ids, test_feats, [-1] * len(test_ids)),
+        ):
+            g = f.create_group(split)
+            g["ids"] = np.array(i, dtype="S")
+            g["labels"] = np.array(lab, dtype="int8")
+            g["features"] = x
+            if flip:
+                g["features_flip"] = x + 0.01
+
+
+def test_feature_set_concatenates_and_checks_ids(tmp_path):
+    X, y = separable(n=20, dim=4)
+    ids = [f"cat.{i}" for i in range(20)]
+    a, b, c = tmp_path / "a.h5", tmp_path / "b.h5", tmp_path / "c.h5"
+    write_features(a, ids, y, X, ["1", "2"], X[:2])
+    write_features(b, ids, y, 2 * X, ["1", "2"], X[:2])
+    data = heads.load_feature_set([a, b])
+    assert data.train.shape == (20, 8) and data.test.shape == (2, 8)
+    assert np.array_equal(data.train[:, 4:], 2 * X)
+    write_features(c, ids[::-1], y, X, ["1", "2"], X[:2])
+    with pytest.raises(heads.FeatureMismatchError, match=r"train ids of .*c\.h5 differ"):
+        heads.load_feature_set([a, c])
+    with pytest.raises(heads.FeatureMismatchError, match="TTA=flip needs mirrored"):
+        heads.load_feature_set([a], tta="flip")
+
+
+def test_train_writes_a_run_folder_with_out_of_fold_predictions(tmp_path):
+    X, y = separable(n=60, dim=6)
+    path = tmp_path / "f.h5"
+    write_features(path, [f"x.{i}" for i in range(60)], y, X, ["1", "2", "3"], X[:3], flip=True)
+    out = tmp_path / "run"
+    heads.train([path], out, head="logreg", tta="flip", n_folds=3, log=lambda *_: None)
+    oof = pd.read_csv(out / "oof.csv")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(oof) == 60 and sorted(oof["fold"].unique()) == [0, 1, 2]
+    assert metrics["log_loss"] == pytest.approx(heads.scores(y, oof["pred"])["log_loss"])
+    assert len(metrics["fold_scores"]) == 3 and metrics["accuracy"] > 0.9
+    assert len(list(out.glob("fold_*.joblib"))) == 3
+    assert pd.read_csv(out / "test.csv")["pred"].between(0, 1).all()
+    assert not (tmp_path / "run.partial").exists()
+
+
+def test_zeroshot_head_needs_a_shipped_classifier(tmp_path):
+    X, y = separable(n=20, dim=4)
+    path = tmp_path / "f.h5"
+    write_features(path, [f"x.{i}" for i in range(20)], y, X, ["1"], X[:1])
+    with pytest.raises(ValueError, match="zeroshot needs"):
+        heads.train([path], tmp_path / "run", head="zeroshot", n_folds=2, log=lambda *_: None)
