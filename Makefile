@@ -30,6 +30,7 @@ PY := $(VENV)/bin/python
 CLI := $(PY) -m dogscats.cli
 SETUP := $(VENV)/.installed
 export WEIGHTS_DIR
+export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 # Derived files live apart per dataset: the folder name plus a hash of DATA_DIR's absolute path
 # (src/dogscats/config.py:dataset_key computes the same; a test keeps them in step).

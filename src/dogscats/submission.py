@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-CLIP_GRID = np.round(np.concatenate([[0.0], np.geomspace(1e-4, 0.05, 40)]), 6)
+# Never 0: a clip of 1e-4 costs at most 9.2 / n_test per confident mistake on the leaderboard.
+CLIP_GRID = np.round(np.geomspace(1e-4, 0.05, 40), 6)
 
 
 def clip(p: np.ndarray, c: float) -> np.ndarray:

@@ -1,0 +1,122 @@
+"""Feature extraction: shapes, provenance, flip TTA, resume after an interruption."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from dogscats import arrays, config, features
+from dogscats.backbones import build_backbone, get_backbone
+
+
+@pytest.fixture
+def arrays_224(kaggle_dataset, tmp_path):
+    out = tmp_path / "arrays"
+    arrays.preprocess(kaggle_dataset, 224, out_dir=out, workers=1, progress=False)
+    return kaggle_dataset, out
+
+
+def extract(data_dir, arrays_dir, out, **kwargs):
+    return features.extract(
+        data_dir,
+        "resnet50",
+        weights="random",
+        arrays_dir=arrays_dir,
+        out=out,
+        batch_size=4,
+        progress=False,
+        **kwargs,
+    )
+
+
+def test_features_match_the_model_and_record_their_provenance(arrays_224, tmp_path):
+    data_dir, arrays_dir = arrays_224
+    path = extract(data_dir, arrays_dir, tmp_path / "f.h5", tta="flip")
+    images, index = arrays.load_split(arrays_dir, "train")
+    train = features.load_features(path, "train")
+    assert train["features"].shape == (16, 2048) and train["features"].dtype == np.float32
+    assert list(train["ids"]) == index["id"].astype(str).tolist()
+    assert list(train["labels"]) == index["label"].tolist()
+    attrs = train["attrs"]
+    assert attrs["backbone"] == "resnet50" and attrs["input_size"] == 224
+    assert attrs["weights"] == "random" and attrs["tta"] == "flip"
+    assert attrs["fingerprint"] == arrays.read_manifest(arrays_dir)["fingerprint"]
+    assert len(features.load_features(path, "test")["features"]) == 6
+    with h5py.File(path) as f:
+        assert not np.allclose(f["train/features"][:], f["train/features_flip"][:])
+
+
+def test_flip_features_are_the_features_of_mirrored_images(arrays_224, tmp_path):
+    data_dir, arrays_dir = arrays_224
+    spec = get_backbone("resnet50")
+    model = build_backbone("resnet50", weights="random")
+    forward = features.make_forward(model, spec, batch_size=2, flip=True)
+    images, _ = arrays.load_split(arrays_dir, "train")
+    plain, flipped = (o.numpy() for o in forward(images[:2]))
+    x = spec.preprocess_fn()(images[:2].astype("float32"))
+    assert np.allclose(plain, model.predict(x, verbose=0), atol=1e-4)
+    mirrored = spec.preprocess_fn()(images[:2, :, ::-1].astype("float32"))
+    assert np.allclose(flipped, model.predict(mirrored, verbose=0), atol=1e-4)
+
+
+def test_an_up_to_date_file_is_not_rebuilt(arrays_224, tmp_path, monkeypatch):
+    data_dir, arrays_dir = arrays_224
+    path = extract(data_dir, arrays_dir, tmp_path / "f.h5")
+    monkeypatch.setattr(features, "_build", lambda *a: pytest.fail("rebuilt"))
+    assert extract(data_dir, arrays_dir, path) == path
+
+
+def test_an_interrupted_run_leaves_no_file_and_resumes(arrays_224, tmp_path, monkeypatch):
+    data_dir, arrays_dir = arrays_224
+    out = tmp_path / "f.h5"
+    real_forward = features.make_forward
+    calls = {"n": 0}
+
+    def failing_forward(*args, **kwargs):
+        forward = real_forward(*args, **kwargs)
+
+        def wrapped(batch):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt
+            return forward(batch)
+
+        wrapped.get_concrete_function = forward.get_concrete_function
+        return wrapped
+
+    monkeypatch.setattr(features, "make_forward", failing_forward)
+    with pytest.raises(KeyboardInterrupt):
+        extract(data_dir, arrays_dir, out)
+    assert not out.exists()
+    with h5py.File(out.with_name("f.h5.partial")) as partial:
+        assert partial["train"].attrs["rows_done"] == 8  # two batches of 4 kept
+    monkeypatch.setattr(features, "make_forward", real_forward)
+    calls["n"] = 0
+    extract(data_dir, arrays_dir, out)
+    assert out.exists() and not out.with_name("f.h5.partial").exists()
+    with h5py.File(out) as f:
+        assert np.abs(f["train/features"][:]).sum(axis=1).min() > 0  # every row filled
+
+
+def test_feature_paths_are_kept_apart_per_dataset_and_settings(tmp_path):
+    a = features.feature_path(tmp_path / "one" / "data", "resnet50")
+    b = features.feature_path(tmp_path / "two" / "data", "resnet50")
+    assert a.parent != b.parent and a.name == b.name == "resnet50.h5"
+    assert a.parent.parent == config.FEATURES_DIR
+    random_flip = features.feature_path(tmp_path, "resnet50", weights="random", tta="flip")
+    assert random_flip.name == "resnet50.random.flip.h5"
+
+
+def test_zeroshot_probability_is_dog_mass_over_dog_and_cat_mass():
+    logits = np.full((2, 1000), -50.0)
+    logits[0, 200], logits[0, 282] = 2.0, 2.0  # one dog class and one cat class, equal
+    logits[1, 160] = 5.0
+    p = features.zeroshot_dog_probability(logits)
+    assert p[0] == pytest.approx(0.5) and p[1] > 0.99
+
+
+def test_unknown_tta_is_refused(arrays_224, tmp_path):
+    data_dir, arrays_dir = arrays_224
+    with pytest.raises(ValueError, match="TTA must be one of none, flip. Received: 'rot'"):
+        extract(data_dir, arrays_dir, tmp_path / "f.h5", tta="rot")
