@@ -63,7 +63,8 @@ RUN_DIR := $(OUT)/models/$(RUN)
 SUBMISSION ?= submissions/$(DS)/$(RUN)$(if $(filter-out auto,$(CLIP)),__clip$(CLIP)).csv
 LABELS ?= $(DATA_DIR)/test_labels.csv
 
-.PHONY: help setup data preprocess features train finetune submission score backbones test lint clean \
+.PHONY: help setup data preprocess features train finetune submission score backbones bench test \
+	lint clean \
 	check-backbones
 
 help: ## list targets and variables
@@ -131,6 +132,10 @@ $(SUBMISSION): $(RUN_DIR)/metrics.json $(wildcard $(DATA_DIR)/sample_submission.
 
 score: | $(SETUP) ## log loss and accuracy of SUBMISSION against LABELS (id,label)
 	@$(CLI) score --submission '$(SUBMISSION)' --labels '$(LABELS)'
+
+BENCH_DATA ?= ../shared/data/dogs-vs-cats-sample
+bench: | $(SETUP) ## speed and memory against bare loops: writes bench/REPORT.md
+	$(CLI) bench --data-dir '$(BENCH_DATA)' --out bench/REPORT.md
 
 test: | $(SETUP) ## the whole test suite
 	$(PY) -m pytest
