@@ -34,6 +34,9 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 # Derived files live apart per dataset: the folder name plus a hash of DATA_DIR's absolute path
 # (src/dogscats/config.py:dataset_key computes the same; a test keeps them in step).
+ifneq ($(words $(DATA_DIR)),1)
+$(error DATA_DIR='$(DATA_DIR)': make cannot handle spaces in paths; link the folder to a path without them)
+endif
 ABS_DATA := $(abspath $(DATA_DIR))
 DS := $(notdir $(ABS_DATA))-$(shell printf '%s' '$(ABS_DATA)' | sha1sum | cut -c1-8)
 OUT := features/$(DS)

