@@ -250,9 +250,11 @@ _keras_app(
     299,
     2048,
     _tf_notop("xception"),
-    # Entry/middle/exit blocks end in unnamed Add layers; finetune finds them after these.
-    blocks=tuple(f"block{i}_sepconv{3 if 5 <= i <= 12 else 2}_bn" for i in range(2, 14))
-    + ("block14_sepconv2_act",),
+    # Entry (2-4), middle (5-12) and exit (13) blocks end in unnamed residual Add layers fed
+    # only by these layers; finetune.block_end steps to the Add.
+    blocks=tuple(f"block{i}_pool" for i in (2, 3, 4))
+    + tuple(f"block{i}_sepconv3_bn" for i in range(5, 13))
+    + ("block13_pool", "block14_sepconv2_act"),
     min_size=71,
 )
 _keras_app(

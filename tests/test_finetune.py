@@ -1,0 +1,269 @@
+"""Fine-tuning: block cuts per backbone, start from the head, frozen bottom, cut cache, resume.
+
+Random-weight backbones at small sizes on a few synthetic images, 2 folds, 1-2 epochs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import joblib
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+from conftest import write_kaggle_dataset
+
+from dogscats import arrays, finetune, heads
+from dogscats.backbones import build_backbone, get_backbone
+
+try:  # two shared cores: keep TensorFlow from spreading wider
+    tf.config.threading.set_intra_op_parallelism_threads(2)
+    tf.config.threading.set_inter_op_parallelism_threads(2)
+except RuntimeError:  # TensorFlow already started by another test module
+    pass
+
+SIZE = 64
+BACKBONE = "resnet50"  # random weights with healthy activations (random Lite's vanish)
+
+
+# ----------------------------------------------------------------------------------------------
+# Block cuts
+# ----------------------------------------------------------------------------------------------
+
+# backbone: {blocks: (layer feeding the cut, or the cut itself; a first layer of the top)}
+CUTS = {
+    "resnet50": {1: ("conv5_block2_out", "conv5_block3_1_conv"), 2: ("conv5_block1_out", None)},
+    "inception_v3": {1: ("mixed9", None), 2: ("mixed8", None)},
+    "xception": {1: ("block13_pool", "block14_sepconv1"), 2: ("block12_sepconv3_bn", None)},
+    "efficientnet_lite0": {1: ("block14_out", "block15_expand_conv"), 2: ("block13_out", None)},
+}
+
+
+@pytest.mark.parametrize("name", sorted(CUTS))
+def test_block_cut_gives_a_trainable_top_that_completes_the_network(name):
+    spec = get_backbone(name)
+    net = build_backbone(name, weights="random", input_size=spec.min_size, pooling=None)
+    x = np.random.default_rng(0).uniform(-1, 1, (1, spec.min_size, spec.min_size, 3))
+    full = np.asarray(net(x.astype("float32"), training=False))
+    for blocks, (marker, first) in CUTS[name].items():
+        cut = finetune.cut_backbone(net, spec, blocks)
+        end = net.get_layer(cut.layer)
+        # The cut is the registry's layer itself, or the unnamed Add it alone feeds (Xception).
+        assert cut.layer == marker or (
+            isinstance(end, keras.layers.Add)
+            and marker in [t._keras_history.operation.name for t in end.input]
+        )
+        if first:
+            assert first in cut.first_layers
+        top_names = {layer.name for layer in cut.top.layers[1:]}
+        assert top_names.isdisjoint(layer.name for layer in cut.bottom.layers)
+        assert cut.top.trainable_weights and not cut.bottom.trainable_weights
+        maps = cut.bottom(x.astype("float32"), training=False)
+        np.testing.assert_allclose(cut.top(maps, training=False), full, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="BLOCKS must be between 1 and"):
+        finetune.cut_backbone(net, spec, len(spec.blocks))
+
+
+def test_bottom_stays_frozen_and_batchnorm_in_inference_mode():
+    """augment="full": the whole network is in the model; only the top's weights may move."""
+    spec = get_backbone("efficientnet_lite0")
+    net = build_backbone("efficientnet_lite0", weights="random", input_size=32, pooling=None)
+    cut = finetune.cut_backbone(net, spec, 1)
+    ft = finetune.build_model(cut, "efficientnet_lite0", "full", (32, 32, 3), dropout=0.0)
+    finetune.compile_model(ft.model, 1e-2, steps=2, epochs=1)
+    bottom, top = cut.bottom.get_weights(), cut.top.get_weights()
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (8, 1, 32, 32, 3)).astype("float32")
+    ft.model.fit(x, rng.integers(0, 2, (8, 1)).astype("float32"), batch_size=4, verbose=0)
+    for before, after in zip(bottom, cut.bottom.get_weights()):
+        np.testing.assert_array_equal(before, after)
+    moved = [not np.array_equal(b, a) for b, a in zip(top, cut.top.get_weights())]
+    assert any(moved)
+    for layer in cut.top.layers:  # moving statistics untouched: BatchNorm never saw a batch
+        if isinstance(layer, keras.layers.BatchNormalization):
+            mean, var = layer.moving_mean, layer.moving_variance
+            np.testing.assert_array_equal(np.asarray(mean), np.zeros(mean.shape))
+            np.testing.assert_array_equal(np.asarray(var), np.ones(var.shape))
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end on a tiny dataset: head run, interrupted fine-tuning, resumed fine-tuning
+# ----------------------------------------------------------------------------------------------
+
+
+class Interrupted(Exception):
+    pass
+
+
+class InterruptAt(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        raise Interrupted(f"simulated interruption after epoch {epoch}")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Arrays, a weights file, and a logreg head (flip TTA) fitted on that backbone's GAP."""
+    root = tmp_path_factory.mktemp("finetune")
+    data_dir = write_kaggle_dataset(root / "comp", n_train=8, n_test=4, size=SIZE)
+    arrays_dir = root / "arrays"
+    arrays.preprocess(data_dir, SIZE, out_dir=arrays_dir, workers=1, progress=False)
+    keras.utils.set_random_seed(0)
+    net = build_backbone(BACKBONE, weights="random", input_size=SIZE)
+    weights = root / "backbone.weights.h5"
+    net.save_weights(weights)
+    gap = {}
+    for split in ("train", "test"):
+        images, index = arrays.load_split(arrays_dir, split)
+        x = get_backbone(BACKBONE).preprocess_fn()(np.asarray(images, "float32"))
+        gap[split] = (np.asarray(net(x)), np.asarray(net(x[:, :, ::-1])), index)
+    y = gap["train"][2]["label"].to_numpy()
+    data = heads.FeatureSet(
+        train=gap["train"][0],
+        test=gap["test"][0],
+        y=y,
+        train_ids=gap["train"][2]["id"].to_numpy(),
+        test_ids=gap["test"][2]["id"].to_numpy(),
+        train_flip=gap["train"][1],
+        test_flip=gap["test"][1],
+    )
+    folds = heads.make_folds(y, 2)
+    result = heads.cross_validate(heads.LogisticHead(random_state=0), data, folds, log=lambda _: 0)
+    head_run = root / "head"
+    heads.write_run(head_run, data, result, {**result.summary(y), "tta": "flip"})
+    return {
+        "data_dir": data_dir,
+        "arrays_dir": arrays_dir,
+        "weights": str(weights),
+        "head_run": head_run,
+        "cache_dir": root / "cache",
+        "root": root,
+    }
+
+
+def run(tiny, out, log, **kwargs):
+    return finetune.finetune(
+        tiny["data_dir"],
+        BACKBONE,
+        blocks=1,
+        head_run=tiny["head_run"],
+        weights=tiny["weights"],
+        arrays_dir=tiny["arrays_dir"],
+        out=out,
+        epochs=2,
+        batch_size=4,
+        progress=False,
+        cache_dir=tiny["cache_dir"],
+        learning_rate=1e-3,
+        log=log,
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="module")
+def finished(tiny):
+    """Interrupted in fold 1 after its first epoch, then run again to the end."""
+    out = tiny["root"] / "run"
+    first, second = [], []
+    original = finetune.fold_callbacks
+
+    def interrupting(fold_dir, *args, **kwargs):
+        extra = [InterruptAt()] if fold_dir.name == "fold_1" else []
+        return original(fold_dir, *args, **kwargs) + extra
+
+    finetune.fold_callbacks = interrupting
+    try:
+        with pytest.raises(Interrupted):
+            run(tiny, out, first.append)
+    finally:
+        finetune.fold_callbacks = original
+    work = out.with_name(out.name + ".work")
+    state = {
+        "fold_0_done": (work / "fold_0.joblib").is_file(),
+        "backup": (work / "fold_1" / "backup").is_dir(),
+        "out_exists": out.exists(),
+    }
+    run(tiny, out, second.append)
+    return {"out": out, "first": first, "second": second, "state": state, "work": work}
+
+
+def test_resume_after_an_interruption_continues_where_it_stopped(finished):
+    assert finished["state"] == {"fold_0_done": True, "backup": True, "out_exists": False}
+    log = "\n".join(finished["second"])
+    assert "Resuming the unfinished fine-tuning" in log
+    assert "fold 0: done in an earlier run" in log
+    history = pd.read_csv(finished["out"] / "history_1.csv")
+    assert history["epoch"].tolist() == [0, 1]  # epoch 0 was not redone: resumed, not restarted
+    assert not finished["work"].exists()
+
+
+def test_starts_from_the_head_and_writes_the_heads_run_format(finished, tiny):
+    out = finished["out"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    for fold in metrics["fold_scores"]:  # before the first step the model is the head
+        assert fold["start_log_loss"] == pytest.approx(fold["head_log_loss"], abs=2e-4)
+        assert fold["finetuned_log_loss"] > 0 and fold["wall_s"] > 0
+    oof = pd.read_csv(out / "oof.csv", dtype={"id": str})
+    head_oof = pd.read_csv(tiny["head_run"] / "oof.csv", dtype={"id": str})
+    assert list(oof.columns) == ["id", "label", "fold", "pred"]
+    assert oof[["id", "label", "fold"]].equals(head_oof[["id", "label", "fold"]])
+    for fold in metrics["head_kept_folds"]:  # kept folds carry the head's predictions exactly
+        rows = oof["fold"] == fold
+        np.testing.assert_allclose(oof.loc[rows, "pred"], head_oof.loc[rows, "pred"])
+    test = pd.read_csv(out / "test.csv")
+    assert len(test) == 4 and test["pred"].between(0, 1).all()
+    assert {"log_loss", "accuracy", "fold_scores", "head_log_loss"} <= metrics.keys()
+    assert (out / "fold_0.joblib").is_file() and (out / "logs" / "fold_0").is_dir()
+
+
+def test_cut_cache_equals_the_networks_activations_at_the_cut(finished, tiny):
+    spec = get_backbone(BACKBONE)
+    net = build_backbone(BACKBONE, weights=tiny["weights"], input_size=SIZE, pooling=None)
+    cut = finetune.cut_backbone(net, spec, 1)
+    (folder,) = tiny["cache_dir"].iterdir()
+    cached = np.load(folder / "train.npy")
+    images, _ = arrays.load_split(tiny["arrays_dir"], "train")
+    x = spec.preprocess_fn()(np.asarray(images, "float32"))
+    for view, batch in enumerate((x, x[:, :, ::-1])):
+        expected = np.asarray(cut.bottom(batch, training=False))
+        assert cached.shape[2:] == expected.shape[1:]
+        np.testing.assert_allclose(cached[:, view], expected, rtol=2e-3, atol=2e-3)
+
+
+def test_a_second_run_is_up_to_date(finished, tiny):
+    log = []
+    assert run(tiny, finished["out"], log.append) == finished["out"]
+    assert log == [f"{finished['out']} is up to date: nothing to redo."]
+
+
+def test_a_fold_that_beats_the_head_keeps_its_fine_tuned_predictions(finished, tiny):
+    """A head made to look poor (p=0.5) is beaten at once: the fine-tuned folds are kept."""
+    poor = tiny["root"] / "poor_head"
+    shutil.copytree(tiny["head_run"], poor)
+    oof = pd.read_csv(poor / "oof.csv")
+    oof.assign(pred=0.5).to_csv(poor / "oof.csv", index=False)
+    log = []
+    out = finetune.finetune(
+        tiny["data_dir"],
+        BACKBONE,
+        head_run=poor,
+        weights=tiny["weights"],
+        arrays_dir=tiny["arrays_dir"],
+        out=tiny["root"] / "beats",
+        epochs=1,
+        learning_rate=0.0,  # stays the real head, far better than p=0.5
+        batch_size=4,
+        progress=False,
+        cache_dir=tiny["cache_dir"],
+        log=log.append,
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["head_kept_folds"] == []
+    assert metrics["log_loss"] < 0.1 < metrics["head_log_loss"]
+    result = joblib.load(out / "fold_0.joblib")
+    assert result.kept == "finetuned" and result.best_epoch == 1
+    kernel, bias = result.head_weights
+    assert kernel.shape == (2048, 1) and bias.shape == (1,) and result.top_weights
+    assert "kept fine-tuned" in "\n".join(log)
