@@ -1,0 +1,56 @@
+"""The quality table of README.md: every backbone alone and together, each head, with and
+without flip TTA, scored out-of-fold and against the sample's test labels.
+
+Needs the flip feature files (they hold the plain features too):
+    make features DATA_DIR=../shared/data/dogs-vs-cats-sample BACKBONES=offline TTA=flip
+    .venv/bin/python scripts/quality_table.py --data-dir ../shared/data/dogs-vs-cats-sample
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from dogscats import config, heads, submission
+from dogscats.backbones import offline_backbones
+from dogscats.features import feature_path
+
+
+def quiet(*_: object) -> None:
+    pass
+
+
+def evaluate(data_dir: Path, names: list[str], head: str, tta: str, folds: int) -> dict:
+    files = [feature_path(data_dir, n, tta="flip") for n in names]
+    run = "+".join(names) + f"__{head}" + ("__flip" if tta == "flip" else "")
+    run_dir = config.dataset_dir(data_dir) / "models" / "quality" / run
+    csv = config.submissions_dir(data_dir) / "quality" / f"{run}.csv"
+    heads.train(files, run_dir, head=head, tta=tta, n_folds=folds, log=quiet)
+    cv = submission.write_submission(run_dir, data_dir / "sample_submission.csv", csv, log=quiet)
+    test = submission.score(csv, data_dir / "test_labels.csv")
+    return {"cv": cv, "test": test}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--heads", nargs="+", default=["logreg", "keras", "zeroshot"])
+    args = parser.parse_args()
+    groups = [[n] for n in offline_backbones()] + [offline_backbones()]
+    print("| backbones | head | TTA | OOF log loss | OOF acc | test log loss | test acc |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for names in groups:
+        for head in args.heads:
+            for tta in ("none", "flip"):
+                r = evaluate(args.data_dir, names, head, tta, args.folds)
+                print(
+                    f"| {' + '.join(n.replace('efficientnet_', '') for n in names)} | {head} "
+                    f"| {tta} | {r['cv']['cv_log_loss']:.4f} | {r['cv']['cv_accuracy']:.4f} "
+                    f"| {r['test']['log_loss']:.4f} | {r['test']['accuracy']:.4f} |",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()
