@@ -154,7 +154,8 @@ class KerasHead(_BinaryHead):
 
     def predict_proba(self, X):
         check_is_fitted(self)
-        p = self.model_.predict(np.asarray(X, "float32"), batch_size=1024, verbose=0)[:, 0]
+        # An eager call: predict() would retrace its tf.function for every new input shape.
+        p = np.asarray(self.model_(np.asarray(X, "float32"), training=False))[:, 0]
         return np.column_stack([1 - p, p])
 
     def dense_weights(self) -> tuple[np.ndarray, np.ndarray]:
