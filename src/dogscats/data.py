@@ -1,0 +1,346 @@
+"""The raw data stage: get the Kaggle folders in place, list them, decode one image.
+
+Kaggle layout under DATA_DIR: train/cat.N.jpg and train/dog.N.jpg, test/N.jpg,
+sample_submission.csv. Nothing here writes into DATA_DIR except `ensure_data` (`make data`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from dogscats.config import CAT, COMPETITION, DOG
+
+SPLITS = ("train", "test")
+TRAIN_NAME = re.compile(r"(cat|dog)\.(\d+)\.jpg")
+TEST_NAME = re.compile(r"(\d+)\.jpg")
+TRAIN_NAME_REASON = "name does not match cat.N.jpg / dog.N.jpg"
+LABELS = {"cat": CAT, "dog": DOG}
+
+_JPEG_SOI = b"\xff\xd8"
+_JPEG_SOS = b"\xff\xda"
+_JPEG_EOI = b"\xff\xd9"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_IEND = b"IEND"
+# Color decode straight to RGB where OpenCV has it (>= 4.11): saves a cvtColor per image.
+_IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
+
+
+class BadImageError(ValueError):
+    """A file that cannot be used as an image; `path` and `reason` say which and why."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+    def __reduce__(self):  # picklable across worker processes despite the two-argument init
+        return type(self), (self.path, self.reason)
+
+
+class BadInputError(ValueError):
+    """The input folders cannot produce a complete result (e.g. a test image is unusable)."""
+
+
+class DataMissingError(FileNotFoundError):
+    """DATA_DIR lacks the competition files and they could not be fetched."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+
+_MUTED_STDERR: tuple[int, int] | None = None  # (/dev/null fd, saved fd 2) once muted
+
+
+def quiet_opencv(mute_stderr: bool = False) -> None:
+    """Keep decoder warnings ("Corrupt JPEG data ...") off the terminal: bad files are reported
+    by name in report.csv instead, and thousands of warnings would bury the progress bar.
+
+    OpenCV's own messages obey its log level, but libjpeg writes straight to fd 2. With
+    `mute_stderr`, fd 2 points at /dev/null during each imdecode call; meant for worker
+    processes, where nothing else is writing to stderr at that moment.
+    """
+    global _MUTED_STDERR
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    if mute_stderr and _MUTED_STDERR is None:
+        _MUTED_STDERR = (os.open(os.devnull, os.O_WRONLY), os.dup(2))
+
+
+@contextmanager
+def _decoder_output_muted() -> Iterator[None]:
+    if _MUTED_STDERR is None:
+        yield
+        return
+    devnull, saved = _MUTED_STDERR
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+
+
+def structural_problem(data: bytes) -> str | None:
+    """Why these bytes are an incomplete JPEG/PNG, or None when they look whole.
+
+    Needed because some OpenCV builds half-decode a truncated JPEG without any error (the
+    missing part comes back grey). A complete JPEG ends its last scan with the end-of-image
+    marker: inside entropy-coded data 0xFF is always stuffed (FF00) or a restart marker, so
+    FFD9 after the last start-of-scan (FFDA) cannot appear by accident. Comparing positions
+    rather than only looking at the last bytes accepts trailing padding after EOI, and rejects
+    a truncated file even when an embedded EXIF thumbnail contributes an earlier FFD9.
+    """
+    if data.startswith(_JPEG_SOI):
+        last_scan = data.rfind(_JPEG_SOS)
+        if last_scan < 0:
+            return "JPEG has no image data (no start-of-scan marker)"
+        if data.rfind(_JPEG_EOI) < last_scan:
+            return "truncated JPEG (no end-of-image marker after the last scan)"
+    elif data.startswith(_PNG_SIGNATURE) and _PNG_IEND not in data[-64:]:
+        # Checked before decoding so libpng never prints its "incomplete buffer" error.
+        return "truncated PNG (no IEND chunk)"
+    return None
+
+
+def decode_bytes(data: bytes, path: str | os.PathLike = "<bytes>") -> np.ndarray:
+    """Decode encoded image bytes to an (H, W, 3) uint8 RGB array or raise BadImageError."""
+    if not data:
+        raise BadImageError(path, "empty file")
+    problem = structural_problem(data)
+    if problem:
+        raise BadImageError(path, problem)
+    buf = np.frombuffer(data, dtype=np.uint8)  # a view, no copy
+    # IMREAD_COLOR(_RGB) makes grayscale 3-channel and drops alpha, exactly as cv2.imread does,
+    # so arrays match the reference pipeline; imdecode goes by content, not by the file name.
+    flag = cv2.IMREAD_COLOR if _IMREAD_RGB is None else _IMREAD_RGB
+    with _decoder_output_muted():
+        rgb = cv2.imdecode(buf, flag)
+    if rgb is None or rgb.size == 0:
+        raise BadImageError(path, "not a decodable image")
+    if _IMREAD_RGB is None:
+        rgb = cv2.cvtColor(rgb, cv2.COLOR_BGR2RGB)  # OpenCV < 4.11 decodes to BGR only
+    return rgb
+
+
+def decode_image(path: str | os.PathLike) -> np.ndarray:
+    """Read one image file as (H, W, 3) uint8 RGB; raise BadImageError when it is unusable.
+
+    Bytes are read by Python (not cv2.imread) so read errors surface with a reason, PNG bytes
+    behind a .jpg name decode by content, and the truncation check can search the raw bytes.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise BadImageError(path, f"cannot read file: {exc.strerror or exc}") from exc
+    return decode_bytes(data, path)
+
+
+def resize_image(rgb: np.ndarray, size: int) -> np.ndarray:
+    """Square (size, size, 3) uint8 with bilinear interpolation, as the reference pipeline did."""
+    if rgb.shape[:2] == (size, size):
+        return np.ascontiguousarray(rgb)
+    return cv2.resize(rgb, (size, size), interpolation=cv2.INTER_LINEAR)
+
+
+def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
+    """decode_image + resize_image: one model-ready uint8 RGB square."""
+    return resize_image(decode_image(path), size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scanning
+
+
+def _split_dir(data_dir: str | os.PathLike, split: str) -> Path:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    folder = Path(data_dir) / split
+    if not folder.is_dir():
+        raise DataMissingError(
+            f"{folder.resolve()} is missing; run `make data` or place the Kaggle {split}/ there"
+        )
+    return folder
+
+
+def scan_split(
+    data_dir: str | os.PathLike, split: str
+) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """List one split as a DataFrame (id, label, file) plus (file, reason) rejects.
+
+    train: cat.N.jpg -> label 0, dog.N.jpg -> label 1, id "cat.N"; other names are rejected,
+    never guessed at. test: N.jpg -> id N, label -1; any other name raises BadInputError since a
+    submission needs exactly the Kaggle ids. Rows are sorted (label, N) / N for a fixed order.
+    `file` is the name inside the split folder.
+    """
+    names = sorted(entry.name for entry in os.scandir(_split_dir(data_dir, split)))
+    if split == "train":
+        return _scan_train(names)
+    return _scan_test(names), []
+
+
+def _scan_train(names: list[str]) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    rows, rejects = [], []
+    for name in names:
+        match = TRAIN_NAME.fullmatch(name)
+        if match is None:
+            rejects.append((name, TRAIN_NAME_REASON))
+            continue
+        animal, number = match.groups()
+        rows.append((LABELS[animal], int(number), name[: -len(".jpg")], name))
+    rows.sort()  # by label then number: cat.2 before cat.10
+    frame = pd.DataFrame(
+        [(ident, label, name) for label, _, ident, name in rows], columns=["id", "label", "file"]
+    )
+    return frame.astype({"id": str, "label": np.int64, "file": str}), rejects
+
+
+def _scan_test(names: list[str]) -> pd.DataFrame:
+    odd = [name for name in names if TEST_NAME.fullmatch(name) is None]
+    if odd:
+        raise BadInputError(
+            f"test/ holds {len(odd)} file(s) not named N.jpg (every test file must be a Kaggle "
+            f"id): {', '.join(odd)}"
+        )
+    ids = sorted((int(name[: -len(".jpg")]), name) for name in names)
+    frame = pd.DataFrame([(i, -1, name) for i, name in ids], columns=["id", "label", "file"])
+    duplicated = frame.loc[frame["id"].duplicated(keep=False), "file"].tolist()
+    if duplicated:
+        raise BadInputError(f"test/ holds files with the same id: {', '.join(duplicated)}")
+    return frame.astype({"id": np.int64, "label": np.int64, "file": str})
+
+
+# ---------------------------------------------------------------------------------------------
+# Getting the data (`make data`)
+
+OUTER_ZIP = f"{COMPETITION}.zip"
+
+
+def has_data(data_dir: str | os.PathLike) -> bool:
+    return all((Path(data_dir) / split).is_dir() for split in SPLITS)
+
+
+def ensure_data(data_dir: str | os.PathLike) -> Path:
+    """Make DATA_DIR hold train/ and test/: already there, from the zips, or via the Kaggle CLI.
+
+    Raises DataMissingError with step-by-step instructions when none of these works.
+    """
+    root = Path(os.path.abspath(os.fspath(data_dir)))
+    if has_data(root):
+        print(f"Data present: {root}/train and {root}/test")
+        _warn_missing_sample(root)
+        return root
+    if not _zips_present(root):
+        _kaggle_download(root)
+    _extract_zips(root)
+    if not has_data(root):
+        raise DataMissingError(
+            f"The zips under {root} did not produce train/ and test/.\n" + _instructions(root)
+        )
+    print(f"Data ready: {root}/train and {root}/test")
+    _warn_missing_sample(root)
+    return root
+
+
+def _warn_missing_sample(root: Path) -> None:
+    if not (root / "sample_submission.csv").is_file():
+        print(f"Note: {root}/sample_submission.csv is missing; test ids come from test/ names.")
+
+
+def _zips_present(root: Path) -> bool:
+    return (root / OUTER_ZIP).is_file() or all(
+        (root / f"{split}.zip").is_file() for split in SPLITS
+    )
+
+
+def _extract_zips(root: Path) -> None:
+    outer = root / OUTER_ZIP
+    with tempfile.TemporaryDirectory(dir=root, prefix=".extract-") as tmp:
+        work = Path(tmp)
+        inner = {split: root / f"{split}.zip" for split in SPLITS}
+        if not all(path.is_file() for path in inner.values()) and outer.is_file():
+            print(f"Extracting {outer}")
+            _safe_extract(outer, work)
+            inner = {split: work / f"{split}.zip" for split in SPLITS}
+            sample = work / "sample_submission.csv"
+            if sample.is_file() and not (root / sample.name).exists():
+                os.replace(sample, root / sample.name)
+        for split, archive in inner.items():
+            if not archive.is_file():
+                raise DataMissingError(f"{archive.name} not found.\n" + _instructions(root))
+            if not (root / split).is_dir():
+                _extract_split(archive, split, work / f"{split}-files", root / split)
+
+
+def _extract_split(archive: Path, split: str, work: Path, target: Path) -> None:
+    """Extract into a scratch folder, then rename into place, so a crash leaves no half folder."""
+    print(f"Extracting {archive} -> {target}")
+    _safe_extract(archive, work)
+    nested = work / split  # the Kaggle zips hold a top-level train/ or test/ folder
+    os.replace(nested if nested.is_dir() else work, target)
+
+
+def _safe_extract(archive: Path, target: Path) -> None:
+    """zipfile.extractall, refusing members that would land outside `target`."""
+    target.mkdir(parents=True, exist_ok=True)
+    base = target.resolve()
+    with zipfile.ZipFile(archive) as zf:
+        for member in zf.namelist():
+            if not (base / member).resolve().is_relative_to(base):
+                raise DataMissingError(f"{archive}: refusing unsafe member path {member!r}")
+        zf.extractall(target)
+
+
+def _kaggle_credentials() -> bool:
+    if os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY"):
+        return True
+    config_dirs = [os.environ.get("KAGGLE_CONFIG_DIR"), "~/.kaggle", "~/.config/kaggle"]
+    return any(
+        Path(folder).expanduser().joinpath("kaggle.json").is_file()
+        for folder in config_dirs
+        if folder
+    )
+
+
+def _kaggle_download(root: Path) -> None:
+    kaggle = shutil.which("kaggle")
+    if kaggle is None or not _kaggle_credentials():
+        why = "the `kaggle` command is not on PATH" if kaggle is None else "no Kaggle credentials"
+        raise DataMissingError(f"No data under {root} and {why}.\n" + _instructions(root))
+    root.mkdir(parents=True, exist_ok=True)
+    command = [kaggle, "competitions", "download", "-c", COMPETITION, "-p", str(root)]
+    print("Running:", " ".join(command))
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0 or not _zips_present(root):
+        output = (result.stdout + result.stderr).strip()
+        raise DataMissingError(
+            f"`{' '.join(command)}` failed (exit {result.returncode}):\n{output}\n\n"
+            + _instructions(root)
+        )
+
+
+def _instructions(root: Path) -> str:
+    return (
+        f"Put the Kaggle '{COMPETITION}' data under {root}, either as folders:\n"
+        f"  {root}/train/                  cat.N.jpg and dog.N.jpg (25,000 labelled images)\n"
+        f"  {root}/test/                   N.jpg (12,500 unlabelled images)\n"
+        f"  {root}/sample_submission.csv   id,label\n"
+        f"or as the zips, which `make data` extracts:\n"
+        f"  {root}/{OUTER_ZIP}\n"
+        f"  (or {root}/train.zip and {root}/test.zip [+ sample_submission.csv])\n"
+        f"To let `make data` download them: `pip install kaggle`; create an API token at\n"
+        f"https://www.kaggle.com/settings (Account > API > Create New Token) and save it as\n"
+        f"~/.kaggle/kaggle.json (chmod 600), or set KAGGLE_USERNAME and KAGGLE_KEY; accept the\n"
+        f"competition rules at https://www.kaggle.com/c/{COMPETITION}/rules; then run\n"
+        f"`make data` again."
+    )

@@ -1,0 +1,226 @@
+"""Images to uint8 arrays on disk: alignment, bad files, atomic resumable runs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from dogscats import arrays
+from dogscats.arrays import BadInputError, load_split, preprocess, read_manifest
+from dogscats.data import load_image
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+EDGE_CASES = SHARED / "data" / "edge-cases"
+SIZE = 16
+FINAL_FILES = {
+    "train.npy",
+    "test.npy",
+    "train_index.csv",
+    "test_index.csv",
+    "report.csv",
+    "manifest.json",
+}
+
+
+def write_image(path: Path, seed: int, h: int = 20, w: int = 28) -> None:
+    """A distinct noisy JPEG per seed, so a row pairs with exactly one file."""
+    rgb = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    assert cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+
+
+def make_dataset(root: Path, n_train: int = 5, n_test: int = 4) -> Path:
+    """Kaggle layout: n_train cats and n_train dogs, test ids 1..n_test; sizes vary."""
+    (root / "train").mkdir(parents=True)
+    (root / "test").mkdir()
+    for i in range(n_train):
+        write_image(root / "train" / f"cat.{i}.jpg", seed=i, h=20 + i)
+        write_image(root / "train" / f"dog.{i}.jpg", seed=100 + i, w=28 + i)
+    for i in range(1, n_test + 1):
+        write_image(root / "test" / f"{i}.jpg", seed=1000 + i)
+    return root
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+def assert_rows_match_files(out: Path, data_dir: Path, split: str) -> pd.DataFrame:
+    images, index = load_split(out, split)
+    assert images.dtype == np.uint8 and images.shape == (len(index), SIZE, SIZE, 3)
+    assert not images.flags.writeable
+    for row, name in enumerate(index["file"]):
+        np.testing.assert_array_equal(images[row], load_image(data_dir / split / name, SIZE))
+    return index
+
+
+def names_in(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+@pytest.fixture
+def dataset(tmp_path) -> Path:
+    return make_dataset(tmp_path / "comp")
+
+
+def test_preprocess_writes_aligned_arrays(dataset, tmp_path):
+    before = snapshot(dataset)
+    out = tmp_path / "arrays"
+    manifest = preprocess(dataset, SIZE, out_dir=out, workers=2, progress=False)
+    assert names_in(out) == FINAL_FILES | {"train_done.json", "test_done.json"}
+    assert manifest["counts"] == {"train": 10, "test": 4} and manifest["size"] == SIZE
+    assert read_manifest(out) == manifest and len(manifest["fingerprint"]) == 40
+    train = assert_rows_match_files(out, dataset, "train")
+    assert train["id"].tolist()[:2] == ["cat.0", "cat.1"] and train["label"].sum() == 5
+    test = assert_rows_match_files(out, dataset, "test")
+    assert test["id"].tolist() == [1, 2, 3, 4] and (test["label"] == -1).all()
+    assert pd.read_csv(out / "report.csv").empty
+    assert snapshot(dataset) == before  # DATA_DIR is never written to
+
+
+def test_bad_train_files_are_left_out_and_reported(dataset, tmp_path):
+    train = dataset / "train"
+    whole = (train / "cat.1.jpg").read_bytes()
+    (train / "cat.1.jpg").write_bytes(whole[: len(whole) // 2])
+    (train / "dog.3.jpg").write_bytes(b"")
+    (train / "kitten.jpg").write_bytes(whole)
+    out = tmp_path / "arrays"
+    manifest = preprocess(dataset, SIZE, out_dir=out, workers=2, progress=False)
+    report = pd.read_csv(out / "report.csv")
+    assert report.columns.tolist() == ["file", "split", "reason"]
+    reasons = dict(zip(report["file"], report["reason"], strict=True))
+    assert set(reasons) == {"cat.1.jpg", "dog.3.jpg", "kitten.jpg"}
+    assert "truncated" in reasons["cat.1.jpg"] and "empty" in reasons["dog.3.jpg"]
+    assert "does not match" in reasons["kitten.jpg"] and set(report["split"]) == {"train"}
+    assert manifest["counts"]["train"] == 8 and manifest["reported"] == 3
+    index = assert_rows_match_files(out, dataset, "train")  # compacted rows stay aligned
+    assert "cat.1" not in set(index["id"]) and "dog.3" not in set(index["id"])
+    assert not [name for name in names_in(out) if "partial" in name or "compact" in name]
+
+
+def test_bad_test_file_stops_the_run_naming_each(dataset, tmp_path):
+    (dataset / "test" / "2.jpg").write_bytes(b"not a jpeg")
+    (dataset / "test" / "4.jpg").write_bytes(b"")
+    out = tmp_path / "arrays"
+    with pytest.raises(BadInputError) as info:
+        preprocess(dataset, SIZE, out_dir=out, workers=2, progress=False)
+    assert "2.jpg" in str(info.value) and "4.jpg" in str(info.value)
+    assert not names_in(out) & FINAL_FILES
+    with pytest.raises(FileNotFoundError, match="make preprocess"):
+        load_split(out, "test")
+
+
+class Interrupt:
+    """load_image that raises KeyboardInterrupt on call number `at` (counting all calls)."""
+
+    def __init__(self, at: int | None):
+        self.at, self.calls = at, []
+
+    def __call__(self, path, size):
+        self.calls.append(Path(path))
+        if len(self.calls) == self.at:
+            raise KeyboardInterrupt
+        return load_image(path, size)
+
+
+def test_resume_after_interruption_redoes_only_missing_rows(dataset, tmp_path, monkeypatch):
+    out = tmp_path / "arrays"
+    monkeypatch.setattr(arrays, "ROWS_PER_TASK", 3)
+    # test (4 rows) runs first and finishes; train is cut on its 8th file, after 2 tasks.
+    monkeypatch.setattr(arrays, "load_image", Interrupt(at=4 + 8))
+    with pytest.raises(KeyboardInterrupt):
+        preprocess(dataset, SIZE, out_dir=out, workers=1, progress=False)
+    assert {"train.partial.npy", "train.partial.state.npz", "test.npy"} <= names_in(out)
+    assert "train.npy" not in names_in(out) and "manifest.json" not in names_in(out)
+
+    resumed = Interrupt(at=None)
+    monkeypatch.setattr(arrays, "load_image", resumed)
+    manifest = preprocess(dataset, SIZE, out_dir=out, workers=1, progress=False)
+    assert [p.parent.name for p in resumed.calls] == ["train"] * 4  # 10 - 2 tasks of 3
+    assert manifest["counts"] == {"train": 10, "test": 4}
+    assert_rows_match_files(out, dataset, "train")
+    assert not [name for name in names_in(out) if "partial" in name or name.endswith(".tmp")]
+
+
+def test_worker_failure_leaves_no_final_files_and_rerun_completes(dataset, tmp_path, monkeypatch):
+    def fail_on_dog_2(path, size):  # fork-started workers inherit this patch
+        if Path(path).name == "dog.2.jpg":
+            raise RuntimeError("simulated worker crash")
+        return load_image(path, size)
+
+    out = tmp_path / "arrays"
+    monkeypatch.setattr(arrays, "ROWS_PER_TASK", 2)
+    monkeypatch.setattr(arrays, "load_image", fail_on_dog_2)
+    with pytest.raises(RuntimeError, match="simulated"):
+        preprocess(dataset, SIZE, out_dir=out, workers=2, progress=False)
+    assert not names_in(out) & (FINAL_FILES - {"test.npy", "test_index.csv"})
+    monkeypatch.setattr(arrays, "load_image", load_image)
+    preprocess(dataset, SIZE, out_dir=out, workers=2, progress=False)
+    assert_rows_match_files(out, dataset, "train")
+
+
+def test_up_to_date_rerun_is_a_no_op_until_a_source_changes(dataset, tmp_path, monkeypatch):
+    out = tmp_path / "arrays"
+    first = preprocess(dataset, SIZE, out_dir=out, workers=1, progress=False)
+    counter = Interrupt(at=None)
+    monkeypatch.setattr(arrays, "load_image", counter)
+    assert preprocess(dataset, SIZE, out_dir=out, workers=1, progress=False) == first
+    assert counter.calls == []
+
+    write_image(dataset / "test" / "3.jpg", seed=77)  # a changed test file
+    second = preprocess(dataset, SIZE, out_dir=out, workers=1, progress=False)
+    assert {p.parent.name for p in counter.calls} == {"test"}  # train was finished: kept
+    assert second["fingerprint"] != first["fingerprint"]
+    assert_rows_match_files(out, dataset, "test")
+
+
+def test_workers_keep_decoder_warnings_off_stderr(dataset, tmp_path, capfd):
+    path = dataset / "train" / "cat.0.jpg"
+    data = bytearray(path.read_bytes())
+    scan = data.rfind(b"\xff\xda")
+    data[scan + 100 : scan + 103] = b"\xff\xd0\x12"  # corrupt scan data, still complete
+    path.write_bytes(bytes(data))
+    preprocess(dataset, SIZE, out_dir=tmp_path / "arrays", workers=2, progress=False)
+    assert "Corrupt JPEG" not in capfd.readouterr().err
+
+
+def test_read_manifest_missing_names_file_and_command(tmp_path):
+    with pytest.raises(FileNotFoundError) as info:
+        read_manifest(tmp_path)
+    assert str(tmp_path / "manifest.json") in str(info.value)
+    assert "make preprocess" in str(info.value)
+
+
+def test_edge_cases_mixed_into_train(tmp_path):
+    if not EDGE_CASES.is_dir():
+        pytest.skip(f"{EDGE_CASES} is absent: this test needs ../shared beside the checkout")
+    verdicts = {}
+    for line in (EDGE_CASES / "README.txt").read_text().splitlines():
+        name, _, rest = line.partition(": ")
+        if rest.startswith(("ok", "bad")):
+            verdicts[name] = rest.split(":")[0]
+    data_dir = make_dataset(tmp_path / "comp", n_train=2, n_test=2)
+    renamed = {}  # Kaggle name in train/ -> edge-case file
+    for number, name in enumerate(sorted(verdicts), start=50):
+        kaggle_name = f"{'cat' if number % 2 else 'dog'}.{number}.jpg"
+        os.symlink(EDGE_CASES / name, data_dir / "train" / kaggle_name)
+        renamed[kaggle_name] = name
+    shutil.copy(EDGE_CASES / "tiny.jpg", data_dir / "train" / "tiny.jpg")  # not a Kaggle name
+
+    out = tmp_path / "arrays"
+    manifest = preprocess(data_dir, SIZE, out_dir=out, workers=2, progress=False)
+    index = assert_rows_match_files(out, data_dir, "train")
+    loaded = {renamed[f] for f in index["file"] if f in renamed}
+    assert loaded == {name for name, verdict in verdicts.items() if verdict == "ok"}
+    report = pd.read_csv(out / "report.csv")
+    reported = {renamed.get(f, f) for f in report["file"]}
+    assert reported == {name for name, v in verdicts.items() if v == "bad"} | {"tiny.jpg"}
+    assert manifest["counts"]["train"] == 4 + len(loaded)

@@ -1,0 +1,301 @@
+"""The raw data stage: decoding odd files, resizing, Kaggle name parsing, getting the data."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from dogscats import data
+from dogscats.data import (
+    TRAIN_NAME_REASON,
+    BadImageError,
+    BadInputError,
+    DataMissingError,
+    decode_image,
+    ensure_data,
+    load_image,
+    resize_image,
+    scan_split,
+    structural_problem,
+)
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+EDGE_CASES = SHARED / "data" / "edge-cases"
+SAMPLE = SHARED / "data" / "dogs-vs-cats-sample"
+REFERENCE = SHARED / "data" / "reference" / "efficientnet_lite0.npz"
+
+
+def need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path} is absent: this test needs ../shared beside the checkout")
+    return path
+
+
+def encode(rgb: np.ndarray, ext: str = ".jpg", *params: int) -> bytes:
+    """Encoded bytes of an RGB (or RGBA / gray) image; OpenCV encoders take BGR(A)."""
+    if rgb.ndim == 3 and rgb.shape[2] == 3:
+        rgb = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    elif rgb.ndim == 3:
+        rgb = cv2.cvtColor(rgb, cv2.COLOR_RGBA2BGRA)
+    ok, buf = cv2.imencode(ext, rgb, list(params))
+    assert ok
+    return buf.tobytes()
+
+
+def solid(rgb: tuple[int, int, int], h: int = 12, w: int = 20) -> np.ndarray:
+    return np.full((h, w, 3), rgb, dtype=np.uint8)
+
+
+def noisy(h: int = 24, w: int = 32, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+# --- decoding ---------------------------------------------------------------------------------
+
+
+def test_decode_is_rgb_not_bgr(tmp_path):
+    path = tmp_path / "red.jpg"
+    path.write_bytes(encode(solid((255, 0, 0)), ".jpg", cv2.IMWRITE_JPEG_QUALITY, 100))
+    image = decode_image(path)
+    assert image.shape == (12, 20, 3) and image.dtype == np.uint8
+    assert image[..., 0].min() >= 250 and image[..., 2].max() <= 5
+
+
+def test_grayscale_becomes_three_equal_channels(tmp_path):
+    gray = np.arange(12 * 20, dtype=np.uint8).reshape(12, 20)
+    path = tmp_path / "gray.jpg"
+    path.write_bytes(encode(gray, ".png"))
+    image = decode_image(path)
+    assert image.shape == (12, 20, 3)
+    np.testing.assert_array_equal(image[..., 0], gray)
+    np.testing.assert_array_equal(image[..., 0], image[..., 2])
+
+
+def test_png_bytes_behind_jpg_name_decode_exactly(tmp_path):
+    rgb = noisy()
+    path = tmp_path / "cat.1.jpg"
+    path.write_bytes(encode(rgb, ".png"))
+    np.testing.assert_array_equal(decode_image(path), rgb)
+
+
+def test_alpha_is_dropped_keeping_colour(tmp_path):
+    rgba = np.zeros((10, 10, 4), dtype=np.uint8)
+    rgba[..., 1] = 200  # green
+    rgba[..., 3] = np.arange(10, dtype=np.uint8)[:, None] * 25  # varying transparency
+    path = tmp_path / "alpha.jpg"
+    path.write_bytes(encode(rgba, ".png"))
+    image = decode_image(path)
+    assert image.shape == (10, 10, 3)
+    np.testing.assert_array_equal(image, np.broadcast_to([0, 200, 0], (10, 10, 3)))
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (b"", "empty"),
+        (b"<html>not an image</html>\n", "not a decodable"),
+        (np.random.default_rng(1).bytes(4096), "not a decodable"),
+    ],
+)
+def test_unusable_bytes_raise_bad_image(tmp_path, content, reason):
+    path = tmp_path / "x.jpg"
+    path.write_bytes(content)
+    with pytest.raises(BadImageError, match=reason) as info:
+        decode_image(path)
+    assert info.value.path == str(path)
+
+
+def test_truncated_jpeg_is_bad(tmp_path):
+    whole = encode(noisy(64, 64))
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(BadImageError, match="truncated"):
+        decode_image(path)
+    path.write_bytes(whole[:-2])  # only the end-of-image marker missing
+    with pytest.raises(BadImageError, match="truncated"):
+        decode_image(path)
+
+
+def test_truncation_check_on_marker_layout():
+    whole = encode(noisy(16, 16))
+    assert structural_problem(whole) is None
+    assert structural_problem(whole + b"\0" * 100) is None  # padding after EOI is fine
+    # An EXIF-like thumbnail ends with FFD9 early; cutting the main scan must still be bad.
+    thumb = b"\xff\xd8\xff\xe1" + b"\xff\xda" + b"thumb" + b"\xff\xd9"
+    with_thumb = whole[:2] + thumb + whole[2:]
+    assert structural_problem(with_thumb) is None
+    assert "truncated" in structural_problem(with_thumb[: len(with_thumb) - 40])
+    png = encode(noisy(8, 8), ".png")
+    assert structural_problem(png) is None
+    assert "PNG" in structural_problem(png[: len(png) // 2])
+
+
+def test_bad_image_error_survives_pickling():
+    error = pickle.loads(pickle.dumps(BadImageError("a/cat.1.jpg", "empty file")))
+    assert (error.path, error.reason) == ("a/cat.1.jpg", "empty file")
+    assert str(error) == "a/cat.1.jpg: empty file"
+
+
+def test_missing_file_is_bad(tmp_path):
+    with pytest.raises(BadImageError, match="cannot read"):
+        decode_image(tmp_path / "absent.jpg")
+
+
+def test_resize_is_square_bilinear():
+    rgb = noisy(30, 50)
+    out = resize_image(rgb, 16)
+    assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, cv2.resize(rgb, (16, 16), interpolation=cv2.INTER_LINEAR))
+
+
+def test_edge_cases_ok_load_bad_raise():
+    folder = need(EDGE_CASES)
+    expected = {}
+    for line in (folder / "README.txt").read_text().splitlines():
+        name, _, rest = line.partition(": ")
+        if rest.startswith(("ok", "bad")):
+            expected[name] = rest.split(":")[0]
+    assert len(expected) == 11
+    for name, verdict in expected.items():
+        if verdict == "ok":
+            image = decode_image(folder / name)
+            assert image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8, name
+        else:
+            with pytest.raises(BadImageError):
+                decode_image(folder / name)
+
+
+def test_reproduces_reference_images():
+    reference = np.load(need(REFERENCE))
+    for name, expected in zip(reference["files"], reference["images"], strict=True):
+        ours = load_image(need(SAMPLE) / "train" / str(name), expected.shape[0])
+        diff = np.abs(ours.astype(np.int16) - expected.astype(np.int16)).max()
+        assert diff <= 1, f"{name}: off by {diff} grey levels"
+
+
+# --- scanning ---------------------------------------------------------------------------------
+
+
+def touch(folder: Path, *names: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_bytes(b"x")
+
+
+def test_scan_train_parses_labels_and_rejects_odd_names(tmp_path):
+    odd = ["Cat.3.jpg", "cat.jpg", "dog.5.jpeg", "notes.txt", "cat.4.jpg.bak", "bird.1.jpg"]
+    touch(tmp_path / "train", "dog.1.jpg", "cat.10.jpg", "cat.2.jpg", *odd)
+    frame, rejects = scan_split(tmp_path, "train")
+    assert frame["id"].tolist() == ["cat.2", "cat.10", "dog.1"]  # numeric, cats first
+    assert frame["label"].tolist() == [0, 0, 1]
+    assert frame["file"].tolist() == ["cat.2.jpg", "cat.10.jpg", "dog.1.jpg"]
+    assert sorted(rejects) == sorted((name, TRAIN_NAME_REASON) for name in odd)
+
+
+def test_scan_test_sorts_ids_numerically(tmp_path):
+    touch(tmp_path / "test", "10.jpg", "2.jpg", "1.jpg")
+    frame, rejects = scan_split(tmp_path, "test")
+    assert frame["id"].tolist() == [1, 2, 10]
+    assert frame["label"].tolist() == [-1, -1, -1]
+    assert rejects == []
+
+
+def test_scan_test_odd_name_is_an_error(tmp_path):
+    touch(tmp_path / "test", "1.jpg", "cat.2.jpg", "3.png")
+    with pytest.raises(BadInputError, match="cat.2.jpg") as info:
+        scan_split(tmp_path, "test")
+    assert "3.png" in str(info.value)
+
+
+def test_scan_missing_split_names_the_folder(tmp_path):
+    with pytest.raises(DataMissingError, match="train"):
+        scan_split(tmp_path, "train")
+
+
+# --- ensure_data ------------------------------------------------------------------------------
+
+
+def make_zip(path: Path, members: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, content in members.items():
+            zf.writestr(name, content)
+    return path
+
+
+def competition_zip(folder: Path) -> Path:
+    """The Kaggle download: an outer zip of train.zip, test.zip and sample_submission.csv."""
+    train_files = {"train/cat.0.jpg": b"c", "train/dog.0.jpg": b"d"}
+    train = make_zip(folder / "inner-train.zip", train_files)
+    test = make_zip(folder / "inner-test.zip", {"test/1.jpg": b"t"})
+    outer = make_zip(
+        folder / data.OUTER_ZIP,
+        {
+            "train.zip": train.read_bytes(),
+            "test.zip": test.read_bytes(),
+            "sample_submission.csv": b"id,label\n1,0.5\n",
+        },
+    )
+    train.unlink()
+    test.unlink()
+    return outer
+
+
+def test_ensure_data_present_is_a_no_op(tmp_path):
+    touch(tmp_path / "train", "cat.0.jpg")
+    touch(tmp_path / "test", "1.jpg")
+    assert ensure_data(tmp_path) == tmp_path.resolve()
+
+
+def test_ensure_data_extracts_competition_zip(tmp_path):
+    competition_zip(tmp_path)
+    ensure_data(tmp_path)
+    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == ["cat.0.jpg", "dog.0.jpg"]
+    assert [p.name for p in (tmp_path / "test").iterdir()] == ["1.jpg"]
+    assert (tmp_path / "sample_submission.csv").is_file()
+    assert not list(tmp_path.glob(".extract-*"))  # scratch folder cleaned up
+
+
+def test_ensure_data_without_anything_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setattr(data.shutil, "which", lambda name: None)
+    with pytest.raises(DataMissingError) as info:
+        ensure_data(tmp_path / "data")
+    message = str(info.value)
+    root = str((tmp_path / "data").resolve())
+    for needle in (f"{root}/train/", f"{root}/test/", "sample_submission.csv", data.OUTER_ZIP):
+        assert needle in message
+    assert "kaggle.json" in message and "KAGGLE_USERNAME" in message and "rules" in message
+
+
+def test_ensure_data_downloads_with_kaggle_cli(tmp_path, monkeypatch):
+    monkeypatch.setattr(data.shutil, "which", lambda name: "/usr/bin/kaggle")
+    monkeypatch.setenv("KAGGLE_USERNAME", "someone")
+    monkeypatch.setenv("KAGGLE_KEY", "secret")
+    calls = []
+
+    def fake_run(command, **kwargs):
+        calls.append(command)
+        competition_zip(Path(command[command.index("-p") + 1]))
+        return data.subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(data.subprocess, "run", fake_run)
+    ensure_data(tmp_path)
+    assert calls[0][1:5] == ["competitions", "download", "-c", data.COMPETITION]
+    assert (tmp_path / "train" / "cat.0.jpg").is_file()
+
+
+def test_ensure_data_reports_kaggle_failure(tmp_path, monkeypatch):
+    monkeypatch.setattr(data.shutil, "which", lambda name: "/usr/bin/kaggle")
+    monkeypatch.setenv("KAGGLE_USERNAME", "someone")
+    monkeypatch.setenv("KAGGLE_KEY", "secret")
+    monkeypatch.setattr(
+        data.subprocess,
+        "run",
+        lambda command, **kw: data.subprocess.CompletedProcess(command, 1, "", "403 Forbidden"),
+    )
+    with pytest.raises(DataMissingError, match="403 Forbidden"):
+        ensure_data(tmp_path)
