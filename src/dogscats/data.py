@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import zipfile
 from collections.abc import Iterator
@@ -313,7 +314,9 @@ def _kaggle_credentials() -> bool:
 
 
 def _kaggle_download(root: Path) -> None:
-    kaggle = shutil.which("kaggle")
+    # The venv's own CLI first: make runs .venv/bin/python without activating the venv.
+    beside_python = Path(sys.executable).with_name("kaggle")
+    kaggle = str(beside_python) if beside_python.is_file() else shutil.which("kaggle")
     if kaggle is None or not _kaggle_credentials():
         why = "the `kaggle` command is not on PATH" if kaggle is None else "no Kaggle credentials"
         raise DataMissingError(f"No data under {root} and {why}.\n" + _instructions(root))
