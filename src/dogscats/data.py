@@ -341,7 +341,7 @@ def _instructions(root: Path) -> str:
         f"or as the zips, which `make data` extracts:\n"
         f"  {root}/{OUTER_ZIP}\n"
         f"  (or {root}/train.zip and {root}/test.zip [+ sample_submission.csv])\n"
-        f"To let `make data` download them: `pip install kaggle`; create an API token at\n"
+        f"To let `make data` download them (it installs the Kaggle CLI): create an API token at\n"
         f"https://www.kaggle.com/settings (Account > API > Create New Token) and save it as\n"
         f"~/.kaggle/kaggle.json (chmod 600), or set KAGGLE_USERNAME and KAGGLE_KEY; accept the\n"
         f"competition rules at https://www.kaggle.com/c/{COMPETITION}/rules; then run\n"
