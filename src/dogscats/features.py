@@ -11,6 +11,7 @@ interrupted run leaves no final file, and a re-run continues from the last batch
 
 from __future__ import annotations
 
+import mmap
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -172,17 +173,54 @@ def batch_stream(images: np.ndarray, batch_size: int, start: int = 0):
     size = images.shape[1]
 
     def batches() -> Iterator[np.ndarray]:
-        for first in range(start, len(images), batch_size):
-            batch = np.asarray(images[first : first + batch_size])
-            if len(batch) < batch_size:
-                pad = np.zeros((batch_size - len(batch), *batch.shape[1:]), batch.dtype)
-                batch = np.concatenate([batch, pad])
-            yield batch
+        read = _RowReader(images)
+        try:
+            for first in range(start, len(images), batch_size):
+                rows = min(batch_size, len(images) - first)
+                batch = np.empty((batch_size, *images.shape[1:]), images.dtype)
+                read(first, batch[:rows])
+                batch[rows:] = 0
+                yield batch
+        finally:
+            read.close()
 
     spec = tf.TensorSpec((batch_size, size, size, 3), tf.uint8)
     return tf.data.Dataset.from_generator(batches, output_signature=spec).prefetch(
         tf.data.AUTOTUNE
     )
+
+
+class _RowReader:
+    """read(first, out) fills `out` with rows first.. of `images`.
+
+    A whole .npy memory map is read with os.preadv rather than through the map: every page
+    touched through a map stays in this process's resident memory until the map is closed,
+    so peak RSS grew with the data set (make bench: +650 MB from 1,500 to 6,000 images).
+    Anything else (an in-RAM array, a slice of a map) is copied as before.
+    """
+
+    def __init__(self, images: np.ndarray):
+        self.images, self.fd = images, None
+        whole_map = isinstance(images, np.memmap) and isinstance(images.base, mmap.mmap)
+        if whole_map and images.filename and images.flags.c_contiguous:
+            self.fd = os.open(images.filename, os.O_RDONLY)
+
+    def __call__(self, first: int, out: np.ndarray) -> None:
+        if self.fd is None:
+            out[...] = self.images[first : first + len(out)]
+            return
+        view = memoryview(out).cast("B")
+        position = self.images.offset + first * self.images.strides[0]
+        while view:
+            read = os.preadv(self.fd, [view], position)
+            if read == 0:
+                raise EOFError(f"{self.images.filename} ends before row {first + len(out)}")
+            view, position = view[read:], position + read
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def _open_partial(partial: Path, wanted: dict[str, object]) -> Path:
