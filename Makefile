@@ -52,7 +52,9 @@ empty :=
 space := $(empty) $(empty)
 flag = $(if $(filter $(2),$(1)),$(3))
 TAG := $(call flag,$(WEIGHTS),random,.random)$(call flag,$(PRECISION),bfloat16,.bf16)$(call flag,$(TTA),flip,.flip)
-FEATURE_FILES := $(foreach n,$(NAMES),$(OUT)/$(n)$(TAG).h5)
+# A file with mirrored features also holds the plain ones: TTA=none reuses it, never re-extracts.
+feature_file = $(or $(if $(filter none,$(TTA)),$(wildcard $(OUT)/$(1)$(TAG).flip.h5)),$(OUT)/$(1)$(TAG).h5)
+FEATURE_FILES := $(foreach n,$(NAMES),$(call feature_file,$(n)))
 TAG_PARTS := $(subst .,__,$(TAG))$(if $(filter-out 5,$(FOLDS)),__folds$(FOLDS))$(if $(filter-out 2017,$(SEED)),__seed$(SEED))
 # Fine-tuning starts from the head fitted on BACKBONE's features alone (FT_HEAD), fold by fold.
 FT_HEAD_RUN := $(OUT)/models/$(BACKBONE)__$(FT_HEAD)$(TAG_PARTS)
@@ -60,7 +62,7 @@ FT_RUN := $(BACKBONE)__finetune$(BLOCKS)__aug$(AUGMENT)$(TAG_PARTS)
 RUN := $(subst $(space),+,$(NAMES))__$(HEAD)$(TAG_PARTS)
 ifeq ($(HEAD),finetune)
 RUN := $(FT_RUN)
-FEATURE_FILES := $(OUT)/$(BACKBONE)$(TAG).h5
+FEATURE_FILES := $(call feature_file,$(BACKBONE))
 endif
 RUN_DIR := $(OUT)/models/$(RUN)
 SUBMISSION ?= submissions/$(DS)/$(RUN)$(if $(filter-out auto,$(CLIP)),__clip$(CLIP)).csv
@@ -99,9 +101,17 @@ $(ARR)/%/manifest.json: $(wildcard $(DATA_DIR)/train $(DATA_DIR)/test) | $(SETUP
 
 features: $(FEATURE_FILES) | check-backbones ## GAP features of each of BACKBONES
 
+# $(call extract,backbone,tta,output)
+extract = $(CLI) features --data-dir '$(DATA_DIR)' --backbone $(1) --weights $(WEIGHTS) --tta $(2) \
+	--precision $(PRECISION) --batch-size $(BATCH_SIZE) --arrays $(ARR)/$(call size_of,$(1)) --out $(3)
+
 $(OUT)/%$(TAG).h5: $(ARR)/$$(call size_of,$$*)/manifest.json | $(SETUP)
-	$(CLI) features --data-dir '$(DATA_DIR)' --backbone $* --weights $(WEIGHTS) --tta $(TTA) \
-		--precision $(PRECISION) --batch-size $(BATCH_SIZE) --arrays $(ARR)/$(call size_of,$*) --out $@
+	$(call extract,$*,$(TTA),$@)
+
+ifeq ($(TTA),none)
+$(OUT)/%$(TAG).flip.h5: $(ARR)/$$(call size_of,$$*)/manifest.json | $(SETUP)
+	$(call extract,$*,flip,$@)
+endif
 
 train: $(RUN_DIR)/metrics.json ## cross-validated head on the concatenated features
 
@@ -114,7 +124,7 @@ $(RUN_DIR)/metrics.json: $(FEATURE_FILES) | check-backbones $(SETUP)
 endif
 
 ifneq ($(FT_HEAD_RUN),$(RUN_DIR))
-$(FT_HEAD_RUN)/metrics.json: $(OUT)/$(BACKBONE)$(TAG).h5 | $(SETUP)
+$(FT_HEAD_RUN)/metrics.json: $(call feature_file,$(BACKBONE)) | $(SETUP)
 	$(call train_head,$<,$(@D),$(FT_HEAD))
 endif
 
