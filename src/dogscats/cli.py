@@ -38,6 +38,19 @@ def _data_dir(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _backbone_source(p: argparse.ArgumentParser) -> None:
+    """Which backbone, with which weights, fed from which arrays (features and finetune)."""
+    _data_dir(p)
+    p.add_argument("--backbone", required=True)
+    p.add_argument("--weights", default="imagenet", help="imagenet | random | path")
+    p.add_argument(
+        "--weights-dir",
+        default=os.environ.get("WEIGHTS_DIR") or None,
+        help="folder with the standard Keras *_notop.h5 files (offline)",
+    )
+    p.add_argument("--arrays", help="arrays folder; default per dataset and input size")
+
+
 # ----------------------------------------------------------------------------------------------
 
 
@@ -94,18 +107,10 @@ def preprocess_cmd(args):
 
 
 def _features_args(p):
-    _data_dir(p)
-    p.add_argument("--backbone", required=True)
-    p.add_argument("--weights", default="imagenet", help="imagenet | random | path")
-    p.add_argument(
-        "--weights-dir",
-        default=os.environ.get("WEIGHTS_DIR") or None,
-        help="folder with the standard Keras *_notop.h5 files (offline)",
-    )
+    _backbone_source(p)
     p.add_argument("--tta", default="none", choices=["none", "flip"])
     p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--arrays", help="arrays folder; default per dataset and input size")
     p.add_argument("--out", help="feature file; default features/<dataset>/<backbone>.h5")
 
 
@@ -145,14 +150,10 @@ def train_cmd(args):
 
 
 def _finetune_args(p):
-    _data_dir(p)
-    p.add_argument("--backbone", required=True)
+    _backbone_source(p)
     p.add_argument("--blocks", type=int, default=1, help="top blocks to unfreeze")
     p.add_argument("--head-run", required=True, help="run folder of the head to start from")
     p.add_argument("--augment", default="flip", choices=["flip", "full"])
-    p.add_argument("--weights", default="imagenet", help="imagenet | random")
-    p.add_argument("--weights-dir", default=os.environ.get("WEIGHTS_DIR") or None)
-    p.add_argument("--arrays", help="arrays folder; default per dataset and input size")
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--epochs", type=int, default=None, help="most epochs per fold")
 
