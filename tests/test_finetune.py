@@ -143,7 +143,7 @@ def tiny(tmp_path_factory):
     }
 
 
-def run(tiny, out, log, **kwargs):
+def run(tiny, out, log, epochs=2, **kwargs):
     return finetune.finetune(
         tiny["data_dir"],
         BACKBONE,
@@ -152,7 +152,7 @@ def run(tiny, out, log, **kwargs):
         weights=tiny["weights"],
         arrays_dir=tiny["arrays_dir"],
         out=out,
-        epochs=2,
+        epochs=epochs,
         batch_size=4,
         progress=False,
         cache_dir=tiny["cache_dir"],
@@ -267,3 +267,14 @@ def test_a_fold_that_beats_the_head_keeps_its_fine_tuned_predictions(finished, t
     kernel, bias = result.head_weights
     assert kernel.shape == (2048, 1) and bias.shape == (1,) and result.top_weights
     assert "kept fine-tuned" in "\n".join(log)
+
+
+def test_full_augmentation_starts_from_the_head_through_the_whole_network(finished, tiny):
+    """augment="full": images (plain + mirrored) go through preprocessing and both halves."""
+    log = []
+    out = run(tiny, tiny["root"] / "full", log.append, epochs=1, augment="full")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["augment"] == "full" and metrics["cache"] is None
+    for fold in metrics["fold_scores"]:
+        assert fold["start_log_loss"] == pytest.approx(fold["head_log_loss"], abs=1e-4)
+    assert len(pd.read_csv(out / "oof.csv")) == 16

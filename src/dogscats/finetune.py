@@ -43,7 +43,9 @@ from dogscats.features import batch_stream, make_forward
 
 AUGMENTS = ("flip", "full")
 EPOCHS = 10
-LEARNING_RATE = 1e-4
+# Peak Adam rate. On the 3,000-image sample (Lite0, BLOCKS=1, 5 folds) the out-of-fold log loss
+# was 0.0386 / 0.0382 / 0.0361 / 0.0346 / 0.0381 for 1e-5 / 3e-5 / 1e-4 / 3e-4 / 1e-3.
+LEARNING_RATE = 3e-4
 BATCH_SIZE = 32
 PATIENCE = 3
 DROPOUT = 0.2
