@@ -302,7 +302,8 @@ def _decode_split(
 ) -> tuple[Path, np.ndarray, dict[int, str]]:
     """Fill the partial array; return its path, the done-mask and {row: reason} of bad rows."""
     path, offset, done = _open_partial(out, listing, size)
-    todo = [(int(row), listing.frame["file"].iat[row]) for row in np.flatnonzero(~done)]
+    files = listing.frame["file"].tolist()  # one conversion: .iat per row cost ~8 us each
+    todo = [(row, files[row]) for row in np.flatnonzero(~done).tolist()]
     if len(todo) < len(done):
         print(f"{listing.split}: resuming, {len(done) - len(todo)} rows already decoded")
     target = Target(str(path), offset, str(listing.folder), size)
