@@ -855,8 +855,9 @@ def _prepare(
     log,
 ):
     """Build and cut the backbone; cache the maps at the cut ("flip"); build the model."""
+    # Seeds the random weights (the same net on every resume) and the dropout seed generators.
+    keras.utils.set_random_seed(settings["seed"])
     if weights == "random":
-        keras.utils.set_random_seed(settings["seed"])  # the same random net on every resume
         log(f"*** WEIGHTS=random: {spec.name} gets RANDOM weights (tests and dry runs). ***")
     backbone = build_backbone(
         spec.name,
