@@ -69,7 +69,7 @@ def test_measured_figures_are_positive(quick_run):
         assert pre["fsync_s"] > 0 and all(cpu > 0 for cpu in pre["cpu"].values())
     features = results["features"]["backbones"]["efficientnet_lite0"]
     assert features["pipeline_s"] > features["fixed_s"] > 0 and features["bare_s"] > 0
-    assert features["median_ratio"] > 0 and features["cpu_ratio"] > 0
+    assert features["runs"] == 1 and features["cpu_ratio"] > 0
     assert 0 < features["forward_share"] <= 1
     for point in results["scaling"]["points"].values():
         for stage in ("preprocess", "features"):
