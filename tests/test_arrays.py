@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -224,3 +225,35 @@ def test_edge_cases_mixed_into_train(tmp_path):
     reported = {renamed.get(f, f) for f in report["file"]}
     assert reported == {name for name, v in verdicts.items() if v == "bad"} | {"tiny.jpg"}
     assert manifest["counts"]["train"] == 4 + len(loaded)
+
+
+def test_array_blocks_are_reserved_before_decoding(dataset, tmp_path, monkeypatch):
+    if not hasattr(os, "posix_fallocate"):
+        pytest.skip("this platform has no posix_fallocate; arrays are filled sparse")
+    reserved = []
+    real = os.posix_fallocate
+
+    def spy(fd, offset, length):
+        reserved.append((os.fstat(fd).st_size, offset, length))
+        real(fd, offset, length)
+
+    monkeypatch.setattr(os, "posix_fallocate", spy)
+    out = tmp_path / "arrays"
+    preprocess(dataset, SIZE, out_dir=out, workers=1, progress=False)
+    sizes = sorted(os.path.getsize(out / f"{split}.npy") for split in ("test", "train"))
+    assert sorted(total for total, _, _ in reserved) == sizes  # both arrays, whole files
+    assert all(offset == 0 and length == total for total, offset, length in reserved)
+
+
+def test_full_disk_fails_before_decoding_naming_the_array(dataset, tmp_path, monkeypatch):
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_space, raising=False)
+    counter = Interrupt(at=None)
+    monkeypatch.setattr(arrays, "load_image", counter)
+    out = tmp_path / "arrays"
+    with pytest.raises(OSError, match="no room for .* GB of image arrays") as info:
+        preprocess(dataset, SIZE, out_dir=out, workers=1, progress=False)
+    assert info.value.errno == errno.ENOSPC and "test.partial.npy" in str(info.value)
+    assert counter.calls == []  # nothing decoded in vain
