@@ -25,6 +25,11 @@ BACKBONE ?= efficientnet_lite0
 BLOCKS ?= 1
 AUGMENT ?= flip
 FT_HEAD ?= logreg
+FT_EPOCHS ?=
+FT_LR ?=
+FT_BATCH ?=
+FT_PATIENCE ?=
+FT_DROPOUT ?=
 
 PY := $(VENV)/bin/python
 CLI := $(PY) -m dogscats.cli
@@ -58,7 +63,13 @@ FEATURE_FILES := $(foreach n,$(NAMES),$(call feature_file,$(n)))
 TAG_PARTS := $(subst .,__,$(TAG))$(if $(filter-out 5,$(FOLDS)),__folds$(FOLDS))$(if $(filter-out 2017,$(SEED)),__seed$(SEED))
 # Fine-tuning starts from the head fitted on BACKBONE's features alone (FT_HEAD), fold by fold.
 FT_HEAD_RUN := $(OUT)/models/$(BACKBONE)__$(FT_HEAD)$(TAG_PARTS)
-FT_RUN := $(BACKBONE)__finetune$(BLOCKS)__aug$(AUGMENT)$(TAG_PARTS)
+# FT_* hyperparameters left empty keep finetune.py's defaults; one that is set names the run
+# (so make redoes it) and reaches the CLI.
+ft_part = $(if $($(1)),__$(2)$($(1)))
+ft_flag = $(if $($(1)),--$(2) $($(1)))
+FT_PARTS := $(call ft_part,FT_EPOCHS,ep)$(call ft_part,FT_LR,lr)$(call ft_part,FT_BATCH,bs)$(call ft_part,FT_PATIENCE,pat)$(call ft_part,FT_DROPOUT,drop)
+FT_FLAGS := $(strip $(call ft_flag,FT_EPOCHS,epochs) $(call ft_flag,FT_LR,learning-rate) $(call ft_flag,FT_BATCH,batch-size) $(call ft_flag,FT_PATIENCE,patience) $(call ft_flag,FT_DROPOUT,dropout))
+FT_RUN := $(BACKBONE)__finetune$(BLOCKS)__aug$(AUGMENT)$(FT_PARTS)$(TAG_PARTS)
 RUN := $(subst $(space),+,$(NAMES))__$(HEAD)$(TAG_PARTS)
 ifeq ($(HEAD),finetune)
 RUN := $(FT_RUN)
@@ -132,8 +143,8 @@ finetune: $(OUT)/models/$(FT_RUN)/metrics.json ## fine-tune BLOCKS top blocks of
 
 $(OUT)/models/$(FT_RUN)/metrics.json: $(FT_HEAD_RUN)/metrics.json $(ARR)/$$(call size_of,$(BACKBONE))/manifest.json | $(SETUP)
 	$(CLI) finetune --data-dir '$(DATA_DIR)' --backbone $(BACKBONE) --blocks $(BLOCKS) \
-		--head-run $(FT_HEAD_RUN) --augment $(AUGMENT) --weights $(WEIGHTS) \
-		--arrays $(ARR)/$(call size_of,$(BACKBONE)) --out $(@D)
+		--head-run $(FT_HEAD_RUN) --augment $(AUGMENT) --weights $(WEIGHTS) --seed $(SEED) \
+		--arrays $(ARR)/$(call size_of,$(BACKBONE)) --out $(@D) $(FT_FLAGS)
 
 submission: $(SUBMISSION) ## (default) clipped submission CSV; redoes only what is stale
 	@$(if $(SUBMISSION_MADE),:,echo "$(SUBMISSION) is up to date: nothing to redo.")

@@ -204,7 +204,10 @@ def test_starts_from_the_head_and_writes_the_heads_run_format(finished, tiny):
     metrics = json.loads((out / "metrics.json").read_text())
     for fold in metrics["fold_scores"]:  # before the first step the model is the head
         assert fold["start_log_loss"] == pytest.approx(fold["head_log_loss"], abs=2e-4)
-        assert fold["finetuned_log_loss"] > 0 and fold["wall_s"] > 0
+        assert fold["stop_log_loss"] > 0 and fold["wall_s"] > 0
+        head_kept = fold["kept"] == "head"
+        assert (fold["finetuned_log_loss"] is None) == head_kept
+        assert head_kept == (fold["stop_log_loss"] >= fold["stop_head_log_loss"])
     oof = pd.read_csv(out / "oof.csv", dtype={"id": str})
     head_oof = pd.read_csv(tiny["head_run"] / "oof.csv", dtype={"id": str})
     assert list(oof.columns) == ["id", "label", "fold", "pred"]
@@ -278,3 +281,17 @@ def test_full_augmentation_starts_from_the_head_through_the_whole_network(finish
     for fold in metrics["fold_scores"]:
         assert fold["start_log_loss"] == pytest.approx(fold["head_log_loss"], abs=1e-4)
     assert len(pd.read_csv(out / "oof.csv")) == 16
+
+
+def test_early_stopping_rows_are_a_stratified_share_of_the_training_rows():
+    y = np.array([0] * 60 + [1] * 40)
+    folds = np.arange(100) % 5
+    train_rows = np.flatnonzero(folds != 0)  # 80 rows: 48 cats, 32 dogs
+    fit, stop = finetune.early_stopping_split(train_rows, y, 0.15, seed=7)
+    assert len(stop) == 12 and y[stop].sum() == round(12 * 32 / 80)
+    assert np.array_equal(np.sort(np.concatenate([fit, stop])), train_rows)
+    assert not set(stop) & set(np.flatnonzero(folds == 0))  # the scored fold is never used
+    again = finetune.early_stopping_split(train_rows, y, 0.15, seed=7)
+    assert all(np.array_equal(a, b) for a, b in zip((fit, stop), again, strict=True))
+    tiny = finetune.early_stopping_split(np.arange(6), np.array([0, 0, 0, 1, 1, 1]), 0.15, 1)
+    assert sorted(np.array([0, 0, 0, 1, 1, 1])[tiny[1]]) == [0, 1]  # both classes, even here

@@ -60,6 +60,24 @@ def test_cli_help_for_every_stage():
         assert out.returncode == 0 and "usage:" in out.stdout
 
 
+def test_finetune_hyperparameters_name_the_run_and_reach_the_cli(monkeypatch):
+    args = ("HEAD=finetune", "BACKBONE=efficientnet_lite0", "FT_LR=1e-4", "FT_PATIENCE=2")
+    assert make_var("FT_RUN", *args) == "efficientnet_lite0__finetune1__augflip__lr1e-4__pat2"
+    assert make_var("FT_RUN", "HEAD=finetune") == "efficientnet_lite0__finetune1__augflip"
+    command = make("-n", "finetune", *args, "SEED=7").stdout
+    assert "--learning-rate 1e-4 --patience 2" in command and "--seed 7" in command
+
+    from dogscats import cli, finetune
+
+    calls = []
+    monkeypatch.setattr(finetune, "finetune", lambda *a, **kw: calls.append(kw))
+    argv = ["finetune", "--backbone", "efficientnet_lite0", "--head-run", "h", "--out", "o"]
+    assert cli.main([*argv, "--learning-rate", "1e-4", "--dropout", "0.3", "--seed", "7"]) == 0
+    (kwargs,) = calls
+    assert kwargs["learning_rate"] == 1e-4 and kwargs["dropout"] == 0.3 and kwargs["seed"] == 7
+    assert not {"epochs", "batch_size", "patience"} & kwargs.keys()  # finetune.py's defaults
+
+
 @pytest.fixture
 def two_datasets(tmp_path):
     first = write_kaggle_dataset(tmp_path / "one" / "comp", n_train=6, n_test=4, seed=1)

@@ -149,13 +149,31 @@ def train_cmd(args):
     )
 
 
+# Flags left out keep finetune.py's defaults, which this module cannot import cheaply (Keras).
+FINETUNE_HYPERPARAMETERS = {
+    "--epochs": (int, "most epochs per fold"),
+    "--learning-rate": (float, "peak Adam learning rate"),
+    "--batch-size": (int, "images per step"),
+    "--patience": (int, "epochs without a better validation loss before a fold stops"),
+    "--dropout": (float, "dropout before the dense head"),
+}
+
+
+def _given(args: argparse.Namespace, flags: dict) -> dict:
+    """{keyword: value} of the flags set on the command line."""
+    names = (flag.lstrip("-").replace("-", "_") for flag in flags)
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
 def _finetune_args(p):
     _backbone_source(p)
     p.add_argument("--blocks", type=int, default=1, help="top blocks to unfreeze")
     p.add_argument("--head-run", required=True, help="run folder of the head to start from")
     p.add_argument("--augment", default="flip", choices=["flip", "full"])
+    p.add_argument("--seed", type=int, default=config.SEED)
     p.add_argument("--out", required=True, help="run folder to write")
-    p.add_argument("--epochs", type=int, default=None, help="most epochs per fold")
+    for flag, (kind, what) in FINETUNE_HYPERPARAMETERS.items():
+        p.add_argument(flag, type=kind, default=None, help=f"{what} (default: finetune.py's)")
 
 
 @command("finetune", "fine-tune a backbone's top blocks, fold by fold")(_finetune_args)
@@ -172,7 +190,8 @@ def finetune_cmd(args):
         weights_dir=args.weights_dir,
         arrays_dir=args.arrays,
         out=args.out,
-        **({"epochs": args.epochs} if args.epochs else {}),
+        seed=args.seed,
+        **_given(args, FINETUNE_HYPERPARAMETERS),
     )
 
 

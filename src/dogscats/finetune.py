@@ -9,8 +9,10 @@ top; BLOCKS=n unfreezes the last n). Two ways to train the part above the cut:
       flips, crops (zoom in, shift) and small rotations from Keras preprocessing layers.
 Each fold's model is top -> GAP -> the head's Dense(1, sigmoid) with that fold's head weights,
 so before the first step it predicts what the head predicted. BatchNorm always runs in
-inference mode. A fold whose best validation loss does not beat the head keeps the head's
-predictions. Validation and test predictions average the plain and mirrored image.
+inference mode. Early stopping watches a stratified share of the fold's training rows
+(STOP_FRACTION), never the fold's validation rows, so the out-of-fold predictions are honest;
+a fold whose fine-tuning never beats the head's out-of-fold loss on those rows keeps the
+head's predictions. Validation and test predictions average the plain and mirrored image.
 
 The run folder has the format of heads.write_run (oof.csv, test.csv, fold_K.joblib,
 metrics.json) plus logs/ (TensorBoard) and history_K.csv. Until it is complete, the work lives
@@ -35,6 +37,7 @@ import joblib
 import keras
 import numpy as np
 import pandas as pd
+from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 from dogscats import arrays, config, heads
@@ -48,6 +51,9 @@ EPOCHS = 10
 LEARNING_RATE = 3e-4
 BATCH_SIZE = 32
 PATIENCE = 3
+# Share of each fold's training rows held out to decide early stopping and whether fine-tuning
+# beat the head, so that the fold being scored plays no part in training (an honest OOF).
+STOP_FRACTION = 0.15
 DROPOUT = 0.2
 # float16 halves the cache (worth it for 2048-channel maps) but flushes tiny activations to
 # zero, e.g. those of random-weight nets; float32 keeps the cut exact.
@@ -56,6 +62,36 @@ CACHE_FORMAT = 1  # bump when the cache layout changes
 SPLITS = ("train", "test")
 
 Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    """How every fold trains. All of it is recorded in the run's settings: a change redoes it."""
+
+    epochs: int = EPOCHS
+    learning_rate: float = LEARNING_RATE
+    batch_size: int = BATCH_SIZE
+    patience: int = PATIENCE
+    dropout: float = DROPOUT
+    seed: int = config.SEED
+    stop_fraction: float = STOP_FRACTION
+
+
+@dataclass(frozen=True)
+class Job:
+    """What one fine-tuning run works with: decided once by finetune(), then passed whole."""
+
+    spec: BackboneSpec
+    blocks: int
+    augment: str
+    weights: str  # imagenet | random | a weights file
+    weights_dir: str | None
+    arrays_dir: Path
+    cache_root: Path  # maps at the cut are cached under it
+    hp: Hyperparameters
+    settings: dict  # recorded in metrics.json; see is_up_to_date
+    progress: bool
+    log: Log
 
 
 # ----------------------------------------------------------------------------------------------
@@ -486,6 +522,7 @@ def fold_callbacks(
 ) -> list[keras.callbacks.Callback]:
     """Stop when the head is not beaten for `patience` epochs; keep the best weights that beat
     the head (and any best from before an interruption); back up every epoch to resume.
+    val_loss is the loss on the early-stopping rows; head_loss the head's on the same rows.
 
     The backup comes last, so an epoch is only marked done once everything else recorded it.
     """
@@ -524,9 +561,11 @@ class FoldResult:
 
     fold: int
     kept: str  # "finetuned", or "head" when fine-tuning did not beat the head
-    head_log_loss: float
+    head_log_loss: float  # on the fold's validation rows
     start_log_loss: float  # the model before its first step: equals the head's (flip TTA)
-    finetuned_log_loss: float  # best validation loss reached by fine-tuning
+    finetuned_log_loss: float | None  # the kept fine-tuned model's; None when the head is kept
+    stop_head_log_loss: float  # the head's out-of-fold loss on the early-stopping rows...
+    stop_log_loss: float  # ...and the best that fine-tuning reached on them
     epochs: int
     best_epoch: int | None
     wall_s: float
@@ -541,6 +580,8 @@ class FoldResult:
             "head_log_loss": self.head_log_loss,
             "start_log_loss": self.start_log_loss,
             "finetuned_log_loss": self.finetuned_log_loss,
+            "stop_head_log_loss": self.stop_head_log_loss,
+            "stop_log_loss": self.stop_log_loss,
             "kept": self.kept,
             "epochs": self.epochs,
             "best_epoch": self.best_epoch,
@@ -551,19 +592,18 @@ class FoldResult:
 
 @dataclass
 class Trainer:
+    """Fine-tunes one fold at a time, each from the pretrained top and that fold's head."""
+
+    job: Job
     net: FineTuneModel
     source: Source
     head: HeadRun
     y: np.ndarray
     work: Path
-    pretrained_top: list
-    epochs: int
-    learning_rate: float
-    batch_size: int
-    patience: int
-    seed: int
-    progress: bool
-    log: Log
+
+    def __post_init__(self) -> None:
+        self.pretrained_top = self.net.cut.top.get_weights()  # every fold starts from these
+        self.hp, self.log = self.job.hp, self.job.log
 
     def run(self, fold: int) -> FoldResult:
         done = self.work / f"fold_{fold}.joblib"
@@ -575,36 +615,40 @@ class Trainer:
         fold_dir = self.work / f"fold_{fold}"
         resumed = fold_dir.exists()
         fold_dir.mkdir(exist_ok=True)
-        keras.utils.set_random_seed(self.seed + fold)
-        rng = np.random.default_rng(self.seed + fold)
-        fit_rows = np.flatnonzero(self.head.folds != fold)
+        keras.utils.set_random_seed(self.hp.seed + fold)
+        rng = np.random.default_rng(self.hp.seed + fold)
+        fit_rows, stop_rows = self._stop_split(fold)
         val_rows = np.flatnonzero(self.head.folds == fold)
-        head_loss = heads.scores(self.y[val_rows], self.head.oof[val_rows])["log_loss"]
+        head_loss = self._head_loss(val_rows)
+        stop_head_loss = self._head_loss(stop_rows)
         self.net.set_start(self.pretrained_top, *self.head.dense_weights(fold))
         start = self.net.model.get_weights()
-        val = make_dataset(self.source, "train", val_rows, self.y, self.batch_size, False, rng)
+        batch_size = self.hp.batch_size
+        val = make_dataset(self.source, "train", val_rows, self.y, batch_size, False, rng)
+        stop = make_dataset(self.source, "train", stop_rows, self.y, batch_size, False, rng)
         test_rows = np.arange(len(self.source.test))
-        test = make_dataset(self.source, "test", test_rows, None, self.batch_size, False, rng)
+        test = make_dataset(self.source, "test", test_rows, None, batch_size, False, rng)
         start_loss = self._loss(val, val_rows)
-        steps = math.ceil(len(fit_rows) / self.batch_size)
-        compile_model(self.net.model, self.learning_rate, steps, self.epochs)
+        steps = math.ceil(len(fit_rows) / batch_size)
+        compile_model(self.net.model, self.hp.learning_rate, steps, self.hp.epochs)
         self.log(
-            f"fold {fold}: {len(fit_rows)} train / {len(val_rows)} validation images; head "
-            f"log_loss {head_loss:.5f}, model before training {start_loss:.5f}"
-            + (" (resuming)" if resumed else "")
+            f"fold {fold}: {len(fit_rows)} train / {len(stop_rows)} early-stopping / "
+            f"{len(val_rows)} validation images; head log_loss {head_loss:.5f}, model before "
+            f"training {start_loss:.5f}" + (" (resuming)" if resumed else "")
         )
         if not (fold_dir / "fit_done").exists():
-            self._fit(fold, fold_dir, fit_rows, val, head_loss, rng)
+            self._fit(fold, fold_dir, fit_rows, stop, stop_head_loss, rng)
         history = _history(fold_dir)
         best = fold_dir / "best.weights.h5"
-        if best.is_file():  # the best epoch that beat the head, even across interruptions
+        # Saved only for an epoch that beat the head on the early-stopping rows (even across
+        # interruptions): the validation rows are scored, never consulted.
+        kept = "finetuned" if best.is_file() else "head"
+        tuned_pred = tuned_loss = None
+        if kept == "finetuned":
             self.net.model.load_weights(str(best))
             tuned_pred = self._predict(val)
             tuned_loss = heads.scores(self.y[val_rows], tuned_pred)["log_loss"]
         else:
-            tuned_pred, tuned_loss = None, float(history["val_loss"].min())
-        kept = "finetuned" if tuned_loss < head_loss else "head"
-        if kept == "head":
             self.net.model.set_weights(start)
         result = FoldResult(
             fold=fold,
@@ -612,6 +656,8 @@ class Trainer:
             head_log_loss=head_loss,
             start_log_loss=start_loss,
             finetuned_log_loss=tuned_loss,
+            stop_head_log_loss=stop_head_loss,
+            stop_log_loss=float(history["val_loss"].min()),
             epochs=int(history["epoch"].nunique()),
             best_epoch=_best_epoch(history),
             wall_s=time.monotonic() - began,
@@ -626,20 +672,29 @@ class Trainer:
         self.log(f"fold {fold}: " + summary_line(result))
         return result
 
-    def _fit(self, fold, fold_dir, fit_rows, val, head_loss, rng) -> None:
+    def _stop_split(self, fold: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.flatnonzero(self.head.folds != fold)
+        return early_stopping_split(rows, self.y, self.hp.stop_fraction, self.hp.seed + fold)
+
+    def _head_loss(self, rows: np.ndarray) -> float:
+        """The head's out-of-fold log loss on these rows: the score fine-tuning has to beat."""
+        return heads.scores(self.y[rows], self.head.oof[rows])["log_loss"]
+
+    def _fit(self, fold, fold_dir, fit_rows, stop, stop_head_loss, rng) -> None:
         history = _history(fold_dir)
         best_so_far = float(history["val_loss"].min()) if len(history) else math.inf
-        train = make_dataset(self.source, "train", fit_rows, self.y, self.batch_size, True, rng)
+        train = make_dataset(self.source, "train", fit_rows, self.y, self.hp.batch_size, True, rng)
+        log_dir = self.work / "logs" / f"fold_{fold}"
         callbacks = fold_callbacks(
-            fold_dir, self.work / "logs" / f"fold_{fold}", head_loss, best_so_far, self.patience
+            fold_dir, log_dir, stop_head_loss, best_so_far, self.hp.patience
         )
         self.net.model.fit(
             train,
-            validation_data=val,
-            epochs=self.epochs,
+            validation_data=stop,
+            epochs=self.hp.epochs,
             callbacks=callbacks,
             shuffle=False,  # the dataset shuffles itself, once per epoch
-            verbose=1 if self.progress else 0,
+            verbose=1 if self.job.progress else 0,
         )
         (fold_dir / "fit_done").touch()  # a re-run goes straight to predicting
 
@@ -648,6 +703,18 @@ class Trainer:
 
     def _loss(self, dataset, rows: np.ndarray) -> float:
         return heads.scores(self.y[rows], self._predict(dataset))["log_loss"]
+
+
+def early_stopping_split(
+    rows: np.ndarray, y: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rows to train on, rows to decide early stopping on): a stratified share `fraction` of
+    `rows`, the same for the same seed, so a resumed fold keeps its split."""
+    n_stop = max(2, round(fraction * len(rows)))  # one of each class at least
+    fit_rows, stop_rows = train_test_split(
+        rows, test_size=n_stop, stratify=y[rows], random_state=seed
+    )
+    return np.sort(fit_rows), np.sort(stop_rows)
 
 
 def _best_epoch(history: pd.DataFrame) -> int | None:
@@ -660,12 +727,14 @@ def summary_line(result: FoldResult) -> str:
     verdict = (
         "kept fine-tuned"
         if result.kept == "finetuned"
-        else "fine-tuning did not beat the head: kept the head's predictions"
+        else "fine-tuning did not beat the head there: kept the head's predictions"
     )
     best = f", best epoch {result.best_epoch} of {result.epochs}" if result.best_epoch else ""
+    tuned = "" if result.finetuned_log_loss is None else f" -> {result.finetuned_log_loss:.5f}"
     return (
-        f"head log_loss {result.head_log_loss:.5f}, fine-tuned {result.finetuned_log_loss:.5f}"
-        f"{best}; {verdict}; {result.wall_s:.0f} s"
+        f"validation log_loss head {result.head_log_loss:.5f}{tuned}; early-stopping rows "
+        f"{result.stop_head_log_loss:.5f} -> {result.stop_log_loss:.5f}{best}; {verdict}; "
+        f"{result.wall_s:.0f} s"
     )
 
 
@@ -751,6 +820,7 @@ def finetune(
     patience: int = PATIENCE,
     dropout: float = DROPOUT,
     seed: int = config.SEED,
+    stop_fraction: float = STOP_FRACTION,
     cache_dir: str | os.PathLike | None = None,
     cache_dtype: str = CACHE_DTYPE,
     log: Log = print,
@@ -761,6 +831,15 @@ def finetune(
     cache_dir: where the maps at the cut are cached (default: the dataset's folder).
     """
     spec = get_backbone(backbone)
+    hp = Hyperparameters(
+        epochs=epochs,
+        learning_rate=learning_rate,
+        batch_size=batch_size,
+        patience=patience,
+        dropout=dropout,
+        seed=seed,
+        stop_fraction=stop_fraction,
+    )
     if augment not in AUGMENTS:
         raise ValueError(f"AUGMENT must be one of {', '.join(AUGMENTS)}. Received: {augment!r}")
     cut_name = check_blocks(spec, blocks)
@@ -780,12 +859,7 @@ def finetune(
         "fingerprint": manifest["fingerprint"],
         "head_run": str(head_path.resolve()),
         "head_run_sha1": _sha1((head_path / "oof.csv").read_bytes()),
-        "epochs": epochs,
-        "learning_rate": learning_rate,
-        "batch_size": batch_size,
-        "patience": patience,
-        "dropout": dropout,
-        "seed": seed,
+        **dataclasses.asdict(hp),
         "cache_dtype": cache_dtype if augment == "flip" else None,
     }
     inputs = [head_path / "metrics.json", arrays_dir / arrays.MANIFEST]
@@ -801,98 +875,85 @@ def finetune(
         )
     work = open_work(out, settings, log)
     began = time.monotonic()
-    net, source, cache_info = _prepare(
-        spec,
-        settings,
-        weights,
-        weights_dir,
-        arrays_dir,
-        train_images,
-        data_dir,
-        cache_dir,
-        blocks,
-        augment,
-        dropout,
-        batch_size,
-        progress,
-        log,
+    job = Job(
+        spec=spec,
+        blocks=blocks,
+        augment=augment,
+        weights=weights,
+        weights_dir=weights_dir,
+        arrays_dir=arrays_dir,
+        cache_root=Path(cache_dir or config.dataset_dir(data_dir) / "cut_cache"),
+        hp=hp,
+        settings=settings,
+        progress=progress,
+        log=log,
     )
+    net, source, cache_info = _prepare(job, train_images)
     _, test_index = arrays.load_split(arrays_dir, "test")
-    trainer = Trainer(
-        net,
-        source,
-        head,
-        index["label"].to_numpy(int),
-        work,
-        net.cut.top.get_weights(),
-        epochs,
-        learning_rate,
-        batch_size,
-        patience,
-        seed,
-        progress,
-        log,
-    )
+    trainer = Trainer(job, net, source, head, index["label"].to_numpy(int), work)
     results = [trainer.run(fold) for fold in range(head.n_folds)]
-    _write(out, work, index, test_index, head, results, settings, cache_info, began, log)
+    run_info = {**cache_info, "wall_s": round(time.monotonic() - began, 1)}
+    _write(job, out, work, index, test_index, head, results, run_info)
     return out
 
 
-def _prepare(
-    spec,
-    settings,
-    weights,
-    weights_dir,
-    arrays_dir,
-    train_images,
-    data_dir,
-    cache_dir,
-    blocks,
-    augment,
-    dropout,
-    batch_size,
-    progress,
-    log,
-):
+def _prepare(job: Job, train_images: np.ndarray) -> tuple[FineTuneModel, Source, dict]:
     """Build and cut the backbone; cache the maps at the cut ("flip"); build the model."""
     # Seeds the random weights (the same net on every resume) and the dropout seed generators.
-    keras.utils.set_random_seed(settings["seed"])
-    if weights == "random":
+    spec, settings, log = job.spec, job.settings, job.log
+    keras.utils.set_random_seed(job.hp.seed)
+    if job.weights == "random":
         log(f"*** WEIGHTS=random: {spec.name} gets RANDOM weights (tests and dry runs). ***")
     backbone = build_backbone(
         spec.name,
-        weights=weights,
-        weights_dir=weights_dir,
+        weights=job.weights,
+        weights_dir=job.weights_dir,
         input_size=settings["input_size"],
         pooling=None,
     )
-    cut = cut_backbone(backbone, spec, blocks)
+    cut = cut_backbone(backbone, spec, job.blocks)
     cut_shape = tuple(cut.top.inputs[0].shape[1:])
     trainable = sum(int(np.prod(w.shape)) for w in cut.top.trainable_weights)
     log(
-        f"{spec.name}: fine-tuning the top {blocks} block(s) from {', '.join(cut.first_layers)} "
-        f"(cut at {cut.layer}, maps {cut_shape}), {trainable:,} trainable weights + head; "
-        f"augment={augment}"
+        f"{spec.name}: fine-tuning the top {job.blocks} block(s) from "
+        f"{', '.join(cut.first_layers)} (cut at {cut.layer}, maps {cut_shape}), "
+        f"{trainable:,} trainable weights + head; augment={job.augment}"
     )
     cache_info: dict = {"cache": None, "cache_wall_s": 0.0}
-    if augment == "flip":
+    if job.augment == "flip":
         began = time.monotonic()
-        root = Path(cache_dir) if cache_dir else config.dataset_dir(data_dir) / "cut_cache"
-        folder = cache_folder(root, spec.name, settings["cut"], settings)
+        folder = cache_folder(job.cache_root, spec.name, settings["cut"], settings)
         maps = build_cache(
-            folder, cut, spec, arrays_dir, batch_size, settings["cache_dtype"], progress, log
+            folder,
+            cut,
+            spec,
+            job.arrays_dir,
+            job.hp.batch_size,
+            settings["cache_dtype"],
+            job.progress,
+            log,
         )
         source = Source(maps["train"], maps["test"], cached=True)
         cache_info = {"cache": str(folder), "cache_wall_s": round(time.monotonic() - began, 1)}
     else:
-        test_images, _ = arrays.load_split(arrays_dir, "test")
+        test_images, _ = arrays.load_split(job.arrays_dir, "test")
         source = Source(train_images, test_images, cached=False)
-    net = build_model(cut, spec.name, augment, source.item_shape, dropout)
+    net = build_model(cut, spec.name, job.augment, source.item_shape, job.hp.dropout)
     return net, source, cache_info
 
 
-def _write(out, work, index, test_index, head, results, settings, cache_info, began, log):
+def _write(
+    job: Job,
+    out: Path,
+    work: Path,
+    index: pd.DataFrame,
+    test_index: pd.DataFrame,
+    head: HeadRun,
+    results: list[FoldResult],
+    run_info: dict,
+) -> None:
     """Assemble the folds into the heads' run-folder format; move logs in; drop the work."""
+    settings = job.settings
     y = index["label"].to_numpy(int)
     oof = np.zeros(len(y))
     test = np.zeros(len(test_index))
@@ -915,8 +976,7 @@ def _write(out, work, index, test_index, head, results, settings, cache_info, be
         "folds": head.n_folds,
         "seed": settings["seed"],
         "head_kept_folds": [r.fold for r in results if r.kept == "head"],
-        **cache_info,
-        "wall_s": round(time.monotonic() - began, 1),
+        **run_info,
         "fold_scores": fold_scores,
         "settings": settings,
     }
@@ -930,7 +990,7 @@ def _write(out, work, index, test_index, head, results, settings, cache_info, be
     heads.write_run(out, data, cv, metrics)
     _keep_logs(work, out, len(results))
     shutil.rmtree(work, ignore_errors=True)
-    log(
+    job.log(
         f"out-of-fold: log_loss={metrics['log_loss']:.5f} accuracy={metrics['accuracy']:.4f} "
         f"(head {metrics['head_log_loss']:.5f}); wrote {out}"
     )
