@@ -295,3 +295,25 @@ def test_early_stopping_rows_are_a_stratified_share_of_the_training_rows():
     assert all(np.array_equal(a, b) for a, b in zip((fit, stop), again, strict=True))
     tiny = finetune.early_stopping_split(np.arange(6), np.array([0, 0, 0, 1, 1, 1]), 0.15, 1)
     assert sorted(np.array([0, 0, 0, 1, 1, 1])[tiny[1]]) == [0, 1]  # both classes, even here
+
+
+def test_caches_of_an_earlier_version_of_the_arrays_are_removed(tmp_path):
+    arrays_dir, root = tmp_path / "arrays", tmp_path / "cut_cache"
+
+    def cache(name: str, arrays_path, fingerprint: str):
+        folder = root / name
+        folder.mkdir(parents=True)
+        source = {"arrays": str(arrays_path.resolve()), "fingerprint": fingerprint}
+        (folder / finetune.CACHE_SOURCE).write_text(json.dumps(source))
+        return folder
+
+    stale = cache("lite0__block13_out__a", arrays_dir, "old")
+    current = cache("lite0__block14_out__b", arrays_dir, "new")
+    other_arrays = cache("lite0__block13_out__c", tmp_path / "other", "old")
+    unstamped = root / "lite0__block13_out__d"
+    unstamped.mkdir()
+    log = []
+    finetune._drop_stale_caches(root, arrays_dir, "new", log.append)
+    assert not stale.exists() and current.exists() and other_arrays.exists()
+    assert unstamped.exists()  # nothing says where it came from: left alone
+    assert len(log) == 1 and str(stale) in log[0]

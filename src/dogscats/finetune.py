@@ -59,6 +59,7 @@ DROPOUT = 0.2
 # zero, e.g. those of random-weight nets; float32 keeps the cut exact.
 CACHE_DTYPE = "float32"
 CACHE_FORMAT = 1  # bump when the cache layout changes
+CACHE_SOURCE = "source.json"  # in each cache folder: the arrays it was made from
 SPLITS = ("train", "test")
 
 Log = Callable[[str], None]
@@ -375,7 +376,11 @@ def build_cache(
     log: Log,
 ) -> dict[str, np.ndarray]:
     """Maps at the cut of every image, plain and mirrored: {split: (N, 2, h, w, c) memmap}."""
+    fingerprint = arrays.read_manifest(arrays_dir)["fingerprint"]
+    _drop_stale_caches(folder.parent, arrays_dir, fingerprint, log)
     folder.mkdir(parents=True, exist_ok=True)
+    source = {"arrays": str(Path(arrays_dir).resolve()), "fingerprint": fingerprint}
+    (folder / CACHE_SOURCE).write_text(json.dumps(source))
     forward = None
     maps = {}
     for split in SPLITS:
@@ -389,6 +394,20 @@ def build_cache(
             _fill_cache(path, images, forward, batch_size, dtype, progress)
         maps[split] = np.load(path, mmap_mode="r")
     return maps
+
+
+def _drop_stale_caches(root: Path, arrays_dir: Path, fingerprint: str, log: Log) -> None:
+    """Remove caches made from an earlier version of these arrays: they can never be used
+    again, and on the full data set each one takes several GB."""
+    for stamp in root.glob(f"*/{CACHE_SOURCE}"):
+        try:
+            source = json.loads(stamp.read_text())
+        except ValueError:
+            continue
+        same_arrays = source.get("arrays") == str(Path(arrays_dir).resolve())
+        if same_arrays and source.get("fingerprint") != fingerprint:
+            log(f"Removing {stamp.parent}: made from an earlier version of {arrays_dir}")
+            shutil.rmtree(stamp.parent)
 
 
 def _fill_cache(path: Path, images, forward, batch_size: int, dtype: str, progress: bool):
