@@ -6,8 +6,8 @@ Random-weight backbones at small sizes on a few synthetic images, 2 folds, 1-2 e
 from __future__ import annotations
 
 import json
-import shutil
 
+import h5py
 import joblib
 import keras
 import numpy as np
@@ -114,25 +114,18 @@ def tiny(tmp_path_factory):
     net = build_backbone(BACKBONE, weights="random", input_size=SIZE)
     weights = root / "backbone.weights.h5"
     net.save_weights(weights)
-    gap = {}
-    for split in ("train", "test"):
-        images, index = arrays.load_split(arrays_dir, split)
-        x = get_backbone(BACKBONE).preprocess_fn()(np.asarray(images, "float32"))
-        gap[split] = (np.asarray(net(x)), np.asarray(net(x[:, :, ::-1])), index)
-    y = gap["train"][2]["label"].to_numpy()
-    data = heads.FeatureSet(
-        train=gap["train"][0],
-        test=gap["test"][0],
-        y=y,
-        train_ids=gap["train"][2]["id"].to_numpy(),
-        test_ids=gap["test"][2]["id"].to_numpy(),
-        train_flip=gap["train"][1],
-        test_flip=gap["test"][1],
-    )
-    folds = heads.make_folds(y, 2)
-    result = heads.cross_validate(heads.LogisticHead(random_state=0), data, folds, log=lambda _: 0)
+    feature_file = root / f"{BACKBONE}.flip.h5"
+    with h5py.File(feature_file, "w") as handle:  # the layout features.extract writes
+        for split in ("train", "test"):
+            images, index = arrays.load_split(arrays_dir, split)
+            x = get_backbone(BACKBONE).preprocess_fn()(np.asarray(images, "float32"))
+            group = handle.create_group(split)
+            group["features"] = np.asarray(net(x))
+            group["features_flip"] = np.asarray(net(x[:, :, ::-1]))
+            group["ids"] = index["id"].astype(str).to_numpy().astype("S")
+            group["labels"] = index["label"].to_numpy().astype("int8")
     head_run = root / "head"
-    heads.write_run(head_run, data, result, {**result.summary(y), "tta": "flip"})
+    heads.train([feature_file], head_run, head="logreg", tta="flip", n_folds=2, seed=0, log=len)
     return {
         "data_dir": data_dir,
         "arrays_dir": arrays_dir,
@@ -143,7 +136,7 @@ def tiny(tmp_path_factory):
     }
 
 
-def run(tiny, out, log, epochs=2, **kwargs):
+def run(tiny, out, log, epochs=2, learning_rate=1e-3, **kwargs):
     return finetune.finetune(
         tiny["data_dir"],
         BACKBONE,
@@ -156,7 +149,7 @@ def run(tiny, out, log, epochs=2, **kwargs):
         batch_size=4,
         progress=False,
         cache_dir=tiny["cache_dir"],
-        learning_rate=1e-3,
+        learning_rate=learning_rate,
         log=log,
         **kwargs,
     )
@@ -202,8 +195,8 @@ def test_resume_after_an_interruption_continues_where_it_stopped(finished):
 def test_starts_from_the_head_and_writes_the_heads_run_format(finished, tiny):
     out = finished["out"]
     metrics = json.loads((out / "metrics.json").read_text())
-    for fold in metrics["fold_scores"]:  # before the first step the model is the head
-        assert fold["start_log_loss"] == pytest.approx(fold["head_log_loss"], abs=2e-4)
+    for fold in metrics["fold_scores"]:  # before the first step the model is its head
+        assert fold["stop_start_log_loss"] == pytest.approx(fold["stop_head_log_loss"], abs=2e-4)
         assert fold["stop_log_loss"] > 0 and fold["wall_s"] > 0
         head_kept = fold["kept"] == "head"
         assert (fold["finetuned_log_loss"] is None) == head_kept
@@ -241,32 +234,32 @@ def test_a_second_run_is_up_to_date(finished, tiny):
     assert log == [f"{finished['out']} is up to date: nothing to redo."]
 
 
-def test_a_fold_that_beats_the_head_keeps_its_fine_tuned_predictions(finished, tiny):
-    """A head made to look poor (p=0.5) is beaten at once: the fine-tuned folds are kept."""
-    poor = tiny["root"] / "poor_head"
-    shutil.copytree(tiny["head_run"], poor)
-    oof = pd.read_csv(poor / "oof.csv")
-    oof.assign(pred=0.5).to_csv(poor / "oof.csv", index=False)
+class ScoresPoorly:
+    """A refitted head's weights, with a confidently wrong score on the early-stopping rows."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def dense_weights(self):
+        return self.model.dense_weights()
+
+    def predict_proba(self, X):
+        return np.full((len(X), 2), [0.999, 0.001])  # P(dog) = 0.001 for every image
+
+
+def test_a_fold_that_beats_the_head_keeps_its_fine_tuned_predictions(finished, tiny, monkeypatch):
+    """With a score of about 3.45 to beat on the early-stopping rows, the model before any
+    step (learning rate 0) beats it at once: the fine-tuned folds are kept."""
+    real_refit = finetune.HeadRun.refit
+    monkeypatch.setattr(finetune.HeadRun, "refit", lambda *args: ScoresPoorly(real_refit(*args)))
     log = []
-    out = finetune.finetune(
-        tiny["data_dir"],
-        BACKBONE,
-        head_run=poor,
-        weights=tiny["weights"],
-        arrays_dir=tiny["arrays_dir"],
-        out=tiny["root"] / "beats",
-        epochs=1,
-        learning_rate=0.0,  # stays the real head, far better than p=0.5
-        batch_size=4,
-        progress=False,
-        cache_dir=tiny["cache_dir"],
-        log=log.append,
-    )
+    out = run(tiny, tiny["root"] / "beats", log.append, epochs=1, learning_rate=0.0)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["head_kept_folds"] == []
-    assert metrics["log_loss"] < 0.1 < metrics["head_log_loss"]
     result = joblib.load(out / "fold_0.joblib")
     assert result.kept == "finetuned" and result.best_epoch == 1
+    assert result.stop_head_log_loss == pytest.approx(-np.log(0.001) / 2 - np.log(0.999) / 2)
+    assert result.finetuned_log_loss == pytest.approx(metrics["fold_scores"][0]["log_loss"])
     kernel, bias = result.head_weights
     assert kernel.shape == (2048, 1) and bias.shape == (1,) and result.top_weights
     assert "kept fine-tuned" in "\n".join(log)
@@ -279,7 +272,7 @@ def test_full_augmentation_starts_from_the_head_through_the_whole_network(finish
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["augment"] == "full" and metrics["cache"] is None
     for fold in metrics["fold_scores"]:
-        assert fold["start_log_loss"] == pytest.approx(fold["head_log_loss"], abs=1e-4)
+        assert fold["stop_start_log_loss"] == pytest.approx(fold["stop_head_log_loss"], abs=1e-4)
     assert len(pd.read_csv(out / "oof.csv")) == 16
 
 

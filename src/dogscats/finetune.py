@@ -460,9 +460,32 @@ class HeadRun:
     oof: np.ndarray  # the head's out-of-fold predictions, same order
     tta: str
     n_folds: int
+    name: str  # logreg | keras
+    feature_files: list[str]  # what it was fitted on
 
     def dense_weights(self, fold: int) -> tuple[np.ndarray, np.ndarray]:
         return joblib.load(self.path / f"fold_{fold}.joblib").dense_weights()
+
+    def features(self, index: pd.DataFrame) -> heads.FeatureSet:
+        """The features the head was fitted on, checked to be in the arrays' row order."""
+        missing = [name for name in self.feature_files if not Path(name).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{', '.join(missing)} (the features of the head in {self.path}) not found: "
+                "run `make finetune`, which extracts them and refits the head."
+            )
+        data = heads.load_feature_set(self.feature_files, tta=self.tta)
+        same_rows = np.array_equal(data.train_ids.astype(str), index["id"].astype(str))
+        if not (same_rows and np.array_equal(data.y, index["label"])):
+            raise ValueError(
+                f"{', '.join(self.feature_files)} hold other train images than the arrays: "
+                "extract them again (`make features`)."
+            )
+        return data
+
+    def refit(self, data: heads.FeatureSet, rows: np.ndarray, seed: int):
+        """A head of the same kind fitted on these rows only."""
+        return heads.fit_on_rows(heads.make_head(self.name, seed), data, rows)
 
 
 def load_head_run(path: Path, index: pd.DataFrame) -> HeadRun:
@@ -496,6 +519,8 @@ def load_head_run(path: Path, index: pd.DataFrame) -> HeadRun:
         merged["pred"].to_numpy(float),
         metrics.get("tta", "none"),
         n_folds,
+        metrics["head"],
+        metrics["feature_files"],
     )
 
 
@@ -581,10 +606,13 @@ class FoldResult:
     fold: int
     kept: str  # "finetuned", or "head" when fine-tuning did not beat the head
     head_log_loss: float  # on the fold's validation rows
-    start_log_loss: float  # the model before its first step: equals the head's (flip TTA)
     finetuned_log_loss: float | None  # the kept fine-tuned model's; None when the head is kept
-    stop_head_log_loss: float  # the head's out-of-fold loss on the early-stopping rows...
-    stop_log_loss: float  # ...and the best that fine-tuning reached on them
+    # On the early-stopping rows: the head refitted without them (the score to beat), the
+    # model before its first step (which starts from that head: the same loss under flip
+    # TTA), and the best that fine-tuning reached.
+    stop_head_log_loss: float
+    stop_start_log_loss: float
+    stop_log_loss: float
     epochs: int
     best_epoch: int | None
     wall_s: float
@@ -597,9 +625,9 @@ class FoldResult:
     def score(self) -> dict:
         return {
             "head_log_loss": self.head_log_loss,
-            "start_log_loss": self.start_log_loss,
             "finetuned_log_loss": self.finetuned_log_loss,
             "stop_head_log_loss": self.stop_head_log_loss,
+            "stop_start_log_loss": self.stop_start_log_loss,
             "stop_log_loss": self.stop_log_loss,
             "kept": self.kept,
             "epochs": self.epochs,
@@ -617,12 +645,12 @@ class Trainer:
     net: FineTuneModel
     source: Source
     head: HeadRun
-    y: np.ndarray
+    features: heads.FeatureSet  # the head's, in the arrays' row order
     work: Path
 
     def __post_init__(self) -> None:
         self.pretrained_top = self.net.cut.top.get_weights()  # every fold starts from these
-        self.hp, self.log = self.job.hp, self.job.log
+        self.hp, self.log, self.y = self.job.hp, self.job.log, self.features.y
 
     def run(self, fold: int) -> FoldResult:
         done = self.work / f"fold_{fold}.joblib"
@@ -638,22 +666,26 @@ class Trainer:
         rng = np.random.default_rng(self.hp.seed + fold)
         fit_rows, stop_rows = self._stop_split(fold)
         val_rows = np.flatnonzero(self.head.folds == fold)
-        head_loss = self._head_loss(val_rows)
-        stop_head_loss = self._head_loss(stop_rows)
-        self.net.set_start(self.pretrained_top, *self.head.dense_weights(fold))
-        start = self.net.model.get_weights()
+        head_loss = heads.scores(self.y[val_rows], self.head.oof[val_rows])["log_loss"]
+        # The fold's head was fitted on the early-stopping rows too, so its loss there is
+        # flattering; a head refitted without them is the start and the honest score to beat.
+        start_head = self.head.refit(self.features, fit_rows, self.hp.seed + fold)
+        stop_pred = heads.predict_rows(start_head, self.features, stop_rows)
+        stop_head_loss = heads.scores(self.y[stop_rows], stop_pred)["log_loss"]
+        self.net.set_start(self.pretrained_top, *start_head.dense_weights())
         batch_size = self.hp.batch_size
         val = make_dataset(self.source, "train", val_rows, self.y, batch_size, False, rng)
         stop = make_dataset(self.source, "train", stop_rows, self.y, batch_size, False, rng)
         test_rows = np.arange(len(self.source.test))
         test = make_dataset(self.source, "test", test_rows, None, batch_size, False, rng)
-        start_loss = self._loss(val, val_rows)
+        stop_start_loss = self._loss(stop, stop_rows)
         steps = math.ceil(len(fit_rows) / batch_size)
         compile_model(self.net.model, self.hp.learning_rate, steps, self.hp.epochs)
         self.log(
             f"fold {fold}: {len(fit_rows)} train / {len(stop_rows)} early-stopping / "
-            f"{len(val_rows)} validation images; head log_loss {head_loss:.5f}, model before "
-            f"training {start_loss:.5f}" + (" (resuming)" if resumed else "")
+            f"{len(val_rows)} validation images; on the early-stopping rows the head refitted "
+            f"without them scores {stop_head_loss:.5f} (model before training "
+            f"{stop_start_loss:.5f})" + (" (resuming)" if resumed else "")
         )
         if not (fold_dir / "fit_done").exists():
             self._fit(fold, fold_dir, fit_rows, stop, stop_head_loss, rng)
@@ -667,15 +699,15 @@ class Trainer:
             self.net.model.load_weights(str(best))
             tuned_pred = self._predict(val)
             tuned_loss = heads.scores(self.y[val_rows], tuned_pred)["log_loss"]
-        else:
-            self.net.model.set_weights(start)
+        else:  # the test predictions too come from the fold's own head
+            self.net.set_start(self.pretrained_top, *self.head.dense_weights(fold))
         result = FoldResult(
             fold=fold,
             kept=kept,
             head_log_loss=head_loss,
-            start_log_loss=start_loss,
             finetuned_log_loss=tuned_loss,
             stop_head_log_loss=stop_head_loss,
+            stop_start_log_loss=stop_start_loss,
             stop_log_loss=float(history["val_loss"].min()),
             epochs=int(history["epoch"].nunique()),
             best_epoch=_best_epoch(history),
@@ -694,10 +726,6 @@ class Trainer:
     def _stop_split(self, fold: int) -> tuple[np.ndarray, np.ndarray]:
         rows = np.flatnonzero(self.head.folds != fold)
         return early_stopping_split(rows, self.y, self.hp.stop_fraction, self.hp.seed + fold)
-
-    def _head_loss(self, rows: np.ndarray) -> float:
-        """The head's out-of-fold log loss on these rows: the score fine-tuning has to beat."""
-        return heads.scores(self.y[rows], self.head.oof[rows])["log_loss"]
 
     def _fit(self, fold, fold_dir, fit_rows, stop, stop_head_loss, rng) -> None:
         history = _history(fold_dir)
@@ -909,7 +937,7 @@ def finetune(
     )
     net, source, cache_info = _prepare(job, train_images)
     _, test_index = arrays.load_split(arrays_dir, "test")
-    trainer = Trainer(job, net, source, head, index["label"].to_numpy(int), work)
+    trainer = Trainer(job, net, source, head, head.features(index), work)
     results = [trainer.run(fold) for fold in range(head.n_folds)]
     run_info = {**cache_info, "wall_s": round(time.monotonic() - began, 1)}
     _write(job, out, work, index, test_index, head, results, run_info)

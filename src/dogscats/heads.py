@@ -321,6 +321,20 @@ def predict_with_tta(model, X: np.ndarray, X_flip: np.ndarray | None) -> np.ndar
     return p
 
 
+def fit_on_rows(head, data: FeatureSet, rows: np.ndarray, X_val=None, y_val=None):
+    """A clone of `head` fitted on these train rows; mirrored features (TTA) double them."""
+    X, y = data.train[rows], data.y[rows]
+    if data.train_flip is not None:
+        X, y = np.concatenate([X, data.train_flip[rows]]), np.concatenate([y, y])
+    return clone(head).fit(X, y, X_val=X_val, y_val=y_val)
+
+
+def predict_rows(model, data: FeatureSet, rows: np.ndarray) -> np.ndarray:
+    """P(dog) of these train rows, averaged with their mirror images under TTA=flip."""
+    flip = data.train_flip[rows] if data.train_flip is not None else None
+    return predict_with_tta(model, data.train[rows], flip)
+
+
 def cross_validate(head, data: FeatureSet, folds: np.ndarray, log=print) -> CVResult:
     """Fit one clone of `head` per fold; mirrored features (TTA) double the training rows."""
     oof = np.zeros(len(data.y))
@@ -328,12 +342,8 @@ def cross_validate(head, data: FeatureSet, folds: np.ndarray, log=print) -> CVRe
     fold_scores, models = [], []
     for fold in range(folds.max() + 1):
         fit_rows, val_rows = folds != fold, folds == fold
-        X, y = data.train[fit_rows], data.y[fit_rows]
-        if data.train_flip is not None:
-            X, y = np.concatenate([X, data.train_flip[fit_rows]]), np.concatenate([y, y])
-        val_flip = data.train_flip[val_rows] if data.train_flip is not None else None
-        model = clone(head).fit(X, y, X_val=data.train[val_rows], y_val=data.y[val_rows])
-        oof[val_rows] = predict_with_tta(model, data.train[val_rows], val_flip)
+        model = fit_on_rows(head, data, fit_rows, data.train[val_rows], data.y[val_rows])
+        oof[val_rows] = predict_rows(model, data, val_rows)
         test += predict_with_tta(model, data.test, data.test_flip) / (folds.max() + 1)
         fold_scores.append(scores(data.y[val_rows], oof[val_rows]))
         models.append(model)
