@@ -141,7 +141,9 @@ endif
 
 finetune: $(OUT)/models/$(FT_RUN)/metrics.json ## fine-tune BLOCKS top blocks of BACKBONE, per fold
 
-$(OUT)/models/$(FT_RUN)/metrics.json: $(FT_HEAD_RUN)/metrics.json $(ARR)/$$(call size_of,$(BACKBONE))/manifest.json | $(SETUP)
+# finetune.py is a prerequisite: after a code change the CLI decides from the run's recorded
+# settings (METHOD_VERSION among them) whether to redo it, and marks it fresh if not.
+$(OUT)/models/$(FT_RUN)/metrics.json: $(FT_HEAD_RUN)/metrics.json $(ARR)/$$(call size_of,$(BACKBONE))/manifest.json src/dogscats/finetune.py | $(SETUP)
 	$(CLI) finetune --data-dir '$(DATA_DIR)' --backbone $(BACKBONE) --blocks $(BLOCKS) \
 		--head-run $(FT_HEAD_RUN) --augment $(AUGMENT) --weights $(WEIGHTS) --seed $(SEED) \
 		--arrays $(ARR)/$(call size_of,$(BACKBONE)) --out $(@D) $(FT_FLAGS)

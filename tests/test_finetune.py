@@ -6,6 +6,7 @@ Random-weight backbones at small sizes on a few synthetic images, 2 folds, 1-2 e
 from __future__ import annotations
 
 import json
+import os
 
 import h5py
 import joblib
@@ -228,10 +229,32 @@ def test_cut_cache_equals_the_networks_activations_at_the_cut(finished, tiny):
         np.testing.assert_allclose(cached[:, view], expected, rtol=2e-3, atol=2e-3)
 
 
-def test_a_second_run_is_up_to_date(finished, tiny):
+def test_a_second_run_is_up_to_date_and_marks_the_run_fresh_for_make(finished, tiny):
+    metrics = finished["out"] / "metrics.json"
+    inputs = [tiny["head_run"] / "metrics.json", tiny["arrays_dir"] / "manifest.json"]
+    newest_input = max(path.stat().st_mtime_ns for path in inputs)
+    os.utime(metrics, ns=(newest_input, newest_input))  # older than finetune.py, say
     log = []
     assert run(tiny, finished["out"], log.append) == finished["out"]
     assert log == [f"{finished['out']} is up to date: nothing to redo."]
+    assert metrics.stat().st_mtime_ns > newest_input  # so make stops asking
+
+
+def test_a_new_method_version_redoes_a_finished_run(finished, tiny, monkeypatch):
+    stored = json.loads((finished["out"] / "metrics.json").read_text())["settings"]
+    assert stored["method_version"] == finetune.METHOD_VERSION
+    monkeypatch.setattr(finetune, "METHOD_VERSION", finetune.METHOD_VERSION + 1)
+    monkeypatch.setattr(finetune, "open_work", Stop.raise_it)  # stop before any training
+    log = []
+    with pytest.raises(Stop):
+        run(tiny, finished["out"], log.append)
+    assert log == [f"{finished['out']} is out of date (the settings changed): fine-tuning again."]
+
+
+class Stop(Exception):
+    @classmethod
+    def raise_it(cls, *args, **kwargs):
+        raise cls
 
 
 class ScoresPoorly:

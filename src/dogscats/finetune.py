@@ -7,12 +7,13 @@ top; BLOCKS=n unfreezes the last n). Two ways to train the part above the cut:
       each epoch feeds every image's plain or mirrored map to the trainable top.
   augment="full" (GPU): every image goes through the whole network each epoch, with random
       flips, crops (zoom in, shift) and small rotations from Keras preprocessing layers.
-Each fold's model is top -> GAP -> the head's Dense(1, sigmoid) with that fold's head weights,
-so before the first step it predicts what the head predicted. BatchNorm always runs in
-inference mode. Early stopping watches a stratified share of the fold's training rows
-(STOP_FRACTION), never the fold's validation rows, so the out-of-fold predictions are honest;
-a fold whose fine-tuning never beats the head's out-of-fold loss on those rows keeps the
-head's predictions. Validation and test predictions average the plain and mirrored image.
+Each fold's model is top -> GAP -> Dense(1, sigmoid). BatchNorm always runs in inference mode.
+Early stopping watches a stratified share of the fold's training rows (STOP_FRACTION), never
+the fold's validation rows, so the out-of-fold predictions are honest. The fold's head was
+fitted on those rows too, so the Dense layer starts from a head of the same kind refitted
+without them: before the first step the model predicts what that head predicts, and its loss
+on the early-stopping rows is the score to beat. A fold that never beats it keeps the fold
+head's own predictions. Validation and test predictions average the plain and mirrored image.
 
 The run folder has the format of heads.write_run (oof.csv, test.csv, fold_K.joblib,
 metrics.json) plus logs/ (TensorBoard) and history_K.csv. Until it is complete, the work lives
@@ -59,6 +60,7 @@ DROPOUT = 0.2
 # zero, e.g. those of random-weight nets; float32 keeps the cut exact.
 CACHE_DTYPE = "float32"
 CACHE_FORMAT = 1  # bump when the cache layout changes
+METHOD_VERSION = 2  # bump when a code change alters what a run computes: finished runs redo
 CACHE_SOURCE = "source.json"  # in each cache folder: the arrays it was made from
 SPLITS = ("train", "test")
 
@@ -815,6 +817,9 @@ def is_up_to_date(out: Path, settings: dict, inputs: list[Path], log: Log) -> bo
     newer = all(metrics.stat().st_mtime >= path.stat().st_mtime for path in inputs)
     if stored == settings and newer:
         log(f"{out} is up to date: nothing to redo.")
+        # make asks again whenever finetune.py is newer than the run; the settings (with
+        # METHOD_VERSION) say the run stands, so mark it fresh and make stops asking.
+        os.utime(metrics)
         return True
     reason = "its inputs are newer" if stored == settings else "the settings changed"
     log(f"{out} is out of date ({reason}): fine-tuning again.")
@@ -897,6 +902,7 @@ def finetune(
     train_images, index = arrays.load_split(arrays_dir, "train")
     head = load_head_run(head_path, index)
     settings = {
+        "method_version": METHOD_VERSION,
         "backbone": backbone,
         "blocks": blocks,
         "cut": cut_name,
