@@ -10,9 +10,11 @@ Out dir (config.arrays_dir(DATA_DIR, size)) after `preprocess`:
 While running: {split}.partial.npy (rows written in place) and {split}.partial.state.npz
 (done-mask + source stamps) let an interrupted run resume without redoing finished rows.
 
-Memory stays flat: workers decode and `os.pwrite` each row straight into the output file, and
-the parent only keeps per-row flags. Every file is written under a temporary name and
-`os.replace`d; a re-run resumes from the partial array using a done-mask checkpoint.
+Memory stays flat: workers decode and `os.pwrite` each row straight into the output file
+(preallocated), and the parent only keeps per-row flags. Both splits go through one stream
+of pool tasks; a background thread flushes written rows to disk meanwhile, so the fsync that
+makes a split durable waits for the last rows only. Every file is written under a temporary
+name and `os.replace`d; a re-run resumes from the partial array using a done-mask checkpoint.
 """
 
 from __future__ import annotations
