@@ -273,13 +273,16 @@ class SplitJob:
     offset: int  # its header length: row r starts at offset + r * row_bytes
     done: np.ndarray  # per row: decoded and written
     bad: dict[int, str] = field(default_factory=dict)  # row -> why its file is unusable
-    todo: int = 0  # rows handed to the workers and not back yet
+
+    @property
+    def todo(self) -> int:
+        """Rows neither written nor found bad: still out with the workers."""
+        return int(np.count_nonzero(~self.done)) - len(self.bad)
 
     def tasks(self) -> list[Task]:
         """Pool tasks for every row not done yet."""
         files = self.listing.frame["file"].tolist()  # one conversion: .iat per row costs ~8 us
         rows = [(row, files[row]) for row in np.flatnonzero(~self.done).tolist()]
-        self.todo = len(rows)
         target = Target(str(self.path), self.offset, str(self.listing.folder), self.size)
         return [(target, rows[i : i + ROWS_PER_TASK]) for i in range(0, len(rows), ROWS_PER_TASK)]
 
@@ -289,7 +292,6 @@ class SplitJob:
                 self.done[row] = True
             else:
                 self.bad[row] = reason
-        self.todo -= len(results)
 
     def checkpoint(self) -> None:
         """Make the decoded rows durable, then record them as done (in that order)."""
