@@ -329,7 +329,8 @@ def test_caches_of_an_earlier_version_of_the_arrays_are_removed(tmp_path):
     unstamped = root / "lite0__block13_out__d"
     unstamped.mkdir()
     log = []
-    finetune._drop_stale_caches(root, arrays_dir, "new", log.append)
+    source = {"arrays": str(arrays_dir.resolve()), "fingerprint": "new"}
+    finetune._drop_stale_caches(root, source, log.append)
     assert not stale.exists() and current.exists() and other_arrays.exists()
     assert unstamped.exists()  # nothing says where it came from: left alone
     assert len(log) == 1 and str(stale) in log[0]
