@@ -107,6 +107,24 @@ def test_bad_train_files_are_left_out_and_reported(dataset, tmp_path):
     assert not [name for name in names_in(out) if "partial" in name or "compact" in name]
 
 
+def test_rows_go_out_in_runs_split_by_bad_files(dataset, tmp_path, monkeypatch):
+    (dataset / "train" / "cat.2.jpg").write_bytes(b"")
+    monkeypatch.setattr(arrays, "WRITE_BYTES", 3 * SIZE * SIZE * 3)  # runs of up to 3 rows
+    writes = []
+
+    def counting_pwrite(fd, data, offset):
+        writes.append(len(data) // (SIZE * SIZE * 3))
+        return os.pwrite(fd, data, offset)
+
+    monkeypatch.setattr(arrays, "_pwrite_all", counting_pwrite)
+    out = tmp_path / "arrays"
+    preprocess(dataset, SIZE, out_dir=out, workers=1, progress=False)
+    # test: rows 0-3 -> 3 + 1; train: cat.0 cat.1 | bad cat.2 | cat.3 cat.4 dog.0 | dog.1-3 | dog.4
+    assert writes == [3, 1, 2, 3, 3, 1]
+    index = assert_rows_match_files(out, dataset, "train")
+    assert "cat.2" not in set(index["id"])
+
+
 def test_bad_test_file_stops_the_run_naming_each(dataset, tmp_path):
     (dataset / "test" / "2.jpg").write_bytes(b"not a jpeg")
     (dataset / "test" / "4.jpg").write_bytes(b"")
@@ -125,11 +143,11 @@ class Interrupt:
     def __init__(self, at: int | None):
         self.at, self.calls = at, []
 
-    def __call__(self, path, size):
+    def __call__(self, path, size, out=None):
         self.calls.append(Path(path))
         if len(self.calls) == self.at:
             raise KeyboardInterrupt
-        return load_image(path, size)
+        return load_image(path, size, out)
 
 
 def test_resume_after_interruption_redoes_only_missing_rows(dataset, tmp_path, monkeypatch):
@@ -152,10 +170,10 @@ def test_resume_after_interruption_redoes_only_missing_rows(dataset, tmp_path, m
 
 
 def test_worker_failure_leaves_no_final_files_and_rerun_completes(dataset, tmp_path, monkeypatch):
-    def fail_on_dog_2(path, size):  # fork-started workers inherit this patch
+    def fail_on_dog_2(path, size, out=None):  # fork-started workers inherit this patch
         if Path(path).name == "dog.2.jpg":
             raise RuntimeError("simulated worker crash")
-        return load_image(path, size)
+        return load_image(path, size, out)
 
     out = tmp_path / "arrays"
     monkeypatch.setattr(arrays, "ROWS_PER_TASK", 2)

@@ -153,6 +153,16 @@ def test_resize_is_square_bilinear():
     np.testing.assert_array_equal(out, cv2.resize(rgb, (16, 16), interpolation=cv2.INTER_LINEAR))
 
 
+@pytest.mark.parametrize("shape", [(30, 50), (16, 16)])  # resized, and already square
+def test_resize_into_out_fills_it_in_place(shape):
+    rgb = noisy(*shape)
+    out = np.zeros((4, 16, 16, 3), dtype=np.uint8)
+    returned = resize_image(rgb, 16, out=out[2])
+    assert np.shares_memory(returned, out)
+    np.testing.assert_array_equal(out[2], resize_image(rgb, 16))
+    assert not out[[0, 1, 3]].any()
+
+
 def test_edge_cases_ok_load_bad_raise():
     folder = need(EDGE_CASES)
     expected = {}

@@ -10,8 +10,9 @@ Out dir (config.arrays_dir(DATA_DIR, size)) after `preprocess`:
 While running: {split}.partial.npy (rows written in place) and {split}.partial.state.npz
 (done-mask + source stamps) let an interrupted run resume without redoing finished rows.
 
-Memory stays flat: workers decode and `os.pwrite` each row straight into the output file
-(preallocated), and the parent only keeps per-row flags. Both splits go through one stream
+Memory stays flat: workers decode into a buffer of a few rows and `os.pwrite` each run of
+consecutive rows straight into the output file (preallocated); the parent only keeps per-row
+flags. Both splits go through one stream
 of pool tasks; a background thread flushes written rows to disk meanwhile, so the fsync that
 makes a split durable waits for the last rows only. Every file is written under a temporary
 name and `os.replace`d; a re-run resumes from the partial array using a done-mask checkpoint.
@@ -52,7 +53,8 @@ MANIFEST = "manifest.json"
 REPORT = "report.csv"
 ROWS_PER_TASK = 64  # per pool task: small IPC, yet a smooth progress bar
 CHECKPOINT_SECONDS = 10.0  # how often the done-mask of a partial array is saved
-FLUSH_SECONDS = 0.1  # how often written rows are pushed to disk while decoding goes on
+FLUSH_SECONDS = 0.02  # how often written rows are pushed to disk while decoding goes on
+WRITE_BYTES = 1 << 20  # a worker writes its consecutive rows in runs of at most this size
 COPY_BLOCK_BYTES = 64 << 20  # compaction copies at most this much at a time
 
 
@@ -198,25 +200,60 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[written:], offset + written
 
 
+class _RowWriter:
+    """Collects consecutive rows in a small buffer and writes each run with one pwrite.
+
+    Rows go out with pwrite rather than through a memmap so the worker's resident memory stays
+    a few rows, not every page of the array it has touched. Runs of up to WRITE_BYTES cost the
+    kernel a third less CPU than one pwrite per row (4,000 rows of 224px: 0.06 vs 0.088 s);
+    runs of 10 MB were erratic (0.06 to 0.9 s, as large page-cache allocations stall).
+    """
+
+    def __init__(self, target: Target):
+        if target.partial not in _OPEN_FILES:
+            _OPEN_FILES[target.partial] = os.open(target.partial, os.O_RDWR)
+        self.fd, self.offset = _OPEN_FILES[target.partial], target.offset
+        self.row_bytes = target.size * target.size * 3
+        capacity = max(1, WRITE_BYTES // self.row_bytes)
+        self.rows = np.empty((capacity, target.size, target.size, 3), dtype=np.uint8)
+        self.first = self.count = 0
+
+    def slot(self, row: int) -> np.ndarray:
+        """The buffer row that row `row` of the array is decoded into; `commit` keeps it."""
+        if self.count and (row != self.first + self.count or self.count == len(self.rows)):
+            self.flush()
+        if not self.count:
+            self.first = row
+        return self.rows[self.count]
+
+    def commit(self) -> None:
+        self.count += 1
+
+    def flush(self) -> None:
+        if self.count:
+            data = memoryview(self.rows[: self.count]).cast("B")
+            _pwrite_all(self.fd, data, self.offset + self.first * self.row_bytes)
+            self.count = 0
+
+
 def _decode_rows(task: Task) -> TaskResult:
     """Decode a task's files and write each into its row of the partial array file.
 
-    Rows go out with pwrite rather than through a memmap so the worker's resident memory
-    stays one image, not every page of the array it has touched.
+    A row is reported written only once its run has gone out, so a worker stopped mid-task
+    leaves nothing the parent counts as done.
     """
     target, rows = task
-    if target.partial not in _OPEN_FILES:
-        _OPEN_FILES[target.partial] = os.open(target.partial, os.O_RDWR)
-    fd, row_bytes = _OPEN_FILES[target.partial], target.size * target.size * 3
+    writer = _RowWriter(target)
     results: list[RowResult] = []
     for row, name in rows:
         try:
-            image = load_image(os.path.join(target.folder, name), target.size)
+            load_image(os.path.join(target.folder, name), target.size, out=writer.slot(row))
         except BadImageError as exc:
             results.append((row, exc.reason))
             continue
-        _pwrite_all(fd, memoryview(image).cast("B"), target.offset + row * row_bytes)
+        writer.commit()
         results.append((row, None))
+    writer.flush()
     return target.partial, results
 
 

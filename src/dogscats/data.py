@@ -147,16 +147,22 @@ def decode_image(path: str | os.PathLike) -> np.ndarray:
     return decode_bytes(data, path)
 
 
-def resize_image(rgb: np.ndarray, size: int) -> np.ndarray:
-    """Square (size, size, 3) uint8 with bilinear interpolation, as the reference pipeline did."""
-    if rgb.shape[:2] == (size, size):
+def resize_image(rgb: np.ndarray, size: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Square (size, size, 3) uint8 with bilinear interpolation, as the reference pipeline did.
+
+    `out`, a C-contiguous (size, size, 3) uint8 array, receives the result in place.
+    """
+    if rgb.shape[:2] != (size, size):
+        return cv2.resize(rgb, (size, size), dst=out, interpolation=cv2.INTER_LINEAR)
+    if out is None:
         return np.ascontiguousarray(rgb)
-    return cv2.resize(rgb, (size, size), interpolation=cv2.INTER_LINEAR)
+    out[...] = rgb
+    return out
 
 
-def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
-    """decode_image + resize_image: one model-ready uint8 RGB square."""
-    return resize_image(decode_image(path), size)
+def load_image(path: str | os.PathLike, size: int, out: np.ndarray | None = None) -> np.ndarray:
+    """decode_image + resize_image: one model-ready uint8 RGB square (into `out` if given)."""
+    return resize_image(decode_image(path), size, out)
 
 
 # ---------------------------------------------------------------------------------------------
