@@ -68,6 +68,44 @@ def test_keras_head_early_stops_pickles_and_exposes_dense_weights():
     assert np.allclose(sigmoid(X @ kernel[:, 0] + bias[0]), p[:, 1], atol=1e-5)
 
 
+class RecordingHead(heads._BinaryHead):
+    """Records what each fit sees; predicts from feature 0 like the separable data's truth."""
+
+    seen: list = []
+
+    def __init__(self, *, validation_fraction=0.25, random_state=0):
+        self.validation_fraction = validation_fraction
+        self.random_state = random_state
+
+    def fit(self, X, y, X_val=None, y_val=None):
+        RecordingHead.seen.append((X, X_val, y_val))
+        self.classes_ = np.array([0, 1])
+        return self
+
+    def predict_proba(self, X):
+        p = sigmoid(X[:, 0])
+        return np.column_stack([1 - p, p])
+
+
+def test_early_stopping_never_sees_the_scored_fold_nor_a_mirror_of_its_own_rows():
+    X, y = separable(n=100)
+    X[:, 1] = np.arange(100)  # feature 1 tags each image: its row number, +1000 for its mirror
+    flip = X.copy()
+    flip[:, 1] += 1000
+    data = heads.FeatureSet(X, X[:4], y, np.arange(100), np.arange(4), flip, X[:4])
+    folds = heads.make_folds(y, n_folds=4, seed=0)
+    RecordingHead.seen = []
+    heads.cross_validate(RecordingHead(), data, folds, log=lambda *_: None)
+    assert len(RecordingHead.seen) == 4
+    for fold, (fit_X, stop_X, stop_y) in enumerate(RecordingHead.seen):
+        fit_images, stop_images = fit_X[:, 1] % 1000, stop_X[:, 1] % 1000
+        assert np.array_equal(np.sort(stop_X[:, 1]) // 1000, [0] * 19 + [1] * 19)  # + mirrors
+        assert stop_y.mean() == pytest.approx(0.5, abs=0.03)
+        assert not np.isin(stop_images, np.flatnonzero(folds == fold)).any()  # not scored rows
+        assert not np.isin(stop_images, fit_images).any()  # nor an image it trains on
+        assert len(np.unique(fit_images)) + 19 + (folds == fold).sum() == 100
+
+
 def write_features(path, ids, labels, feats, test_ids, test_feats, flip=False):
     with h5py.File(path, "w") as f:
         for split, i, x, lab in (

@@ -15,9 +15,10 @@ SEED = 2017
 COMPETITION = "dogs-vs-cats-redux-kernels-edition"
 DOG, CAT = 1, 0
 HEADS = ("logreg", "keras", "zeroshot")
-# Lower out-of-fold log loss on the shared sample than the logreg head (README has the numbers);
-# the Keras head early-stops on the scored fold, so its OOF is somewhat flattering.
-DEFAULT_HEAD = "keras"
+# Lower out-of-fold (0.0227 vs 0.0231) and test (0.0199 vs 0.0218) log loss than the Keras head
+# for the default run on the shared sample (README has the numbers); deterministic, and its
+# `make train` needs no TensorFlow.
+DEFAULT_HEAD = "logreg"
 
 
 def dataset_key(data_dir: str | os.PathLike) -> str:

@@ -2,7 +2,7 @@
 
 Heads:
     logreg  LogisticHead: standardised features + LogisticRegression, C chosen by inner CV.
-    keras   KerasHead: Dropout(0.5) + Dense(1, sigmoid), early stopping on validation loss.
+    keras   KerasHead: Dropout(0.5) + Dense(1, sigmoid), early stopping on held-out rows.
     zeroshot  no training: the backbones' own ImageNet classifier (dog mass / dog+cat mass).
 Both trained heads follow the estimator API (`__init__` stores, `fit` sets `*_` and returns
 self, `predict_proba` checks it is fitted), so `clone` and sklearn's model selection work.
@@ -95,8 +95,10 @@ class LogisticHead(_BinaryHead):
 class KerasHead(_BinaryHead):
     """Dropout + Dense(1, sigmoid), the classic frozen-feature head, trained with Adam.
 
-    `fit(X, y, X_val, y_val)` early-stops on the validation loss (the CV fold's held-out part,
-    as the classic recipe does); without validation data it holds out `validation_fraction`.
+    `fit(X, y, X_val, y_val)` early-stops on the loss of (X_val, y_val); without them it holds
+    out `validation_fraction` of X. Never pass the rows it will be scored on: the classic recipe
+    stopped on the CV fold itself, which makes the out-of-fold loss optimistic. cross_validate
+    holds out whole images of the fold's training rows instead (see fit_on_rows).
     """
 
     def __init__(
@@ -321,11 +323,31 @@ def predict_with_tta(model, X: np.ndarray, X_flip: np.ndarray | None) -> np.ndar
     return p
 
 
-def fit_on_rows(head, data: FeatureSet, rows: np.ndarray, X_val=None, y_val=None):
-    """A clone of `head` fitted on these train rows; mirrored features (TTA) double them."""
+def _rows_with_mirrors(data: FeatureSet, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Features and labels of these train rows; mirrored features (TTA) double them."""
     X, y = data.train[rows], data.y[rows]
     if data.train_flip is not None:
         X, y = np.concatenate([X, data.train_flip[rows]]), np.concatenate([y, y])
+    return X, y
+
+
+def fit_on_rows(head, data: FeatureSet, rows: np.ndarray):
+    """A clone of `head` fitted on these train rows (a boolean mask or row numbers).
+
+    A head that early-stops (it has `validation_fraction`) watches a stratified share of these
+    rows, split by image before the mirrors are added: an image whose mirror it trains on
+    would flatter the loss it stops on.
+    """
+    rows = np.flatnonzero(rows) if rows.dtype == bool else rows
+    stop = None
+    fraction = getattr(head, "validation_fraction", None)
+    if fraction:
+        seed = getattr(head, "random_state", None)
+        rows, stop = train_test_split(
+            rows, test_size=fraction, stratify=data.y[rows], random_state=seed
+        )
+    X, y = _rows_with_mirrors(data, rows)
+    X_val, y_val = _rows_with_mirrors(data, stop) if stop is not None else (None, None)
     return clone(head).fit(X, y, X_val=X_val, y_val=y_val)
 
 
@@ -336,13 +358,13 @@ def predict_rows(model, data: FeatureSet, rows: np.ndarray) -> np.ndarray:
 
 
 def cross_validate(head, data: FeatureSet, folds: np.ndarray, log=print) -> CVResult:
-    """Fit one clone of `head` per fold; mirrored features (TTA) double the training rows."""
+    """Fit one clone of `head` per fold on the other folds' rows; the fold is only scored."""
     oof = np.zeros(len(data.y))
     test = np.zeros(len(data.test))
     fold_scores, models = [], []
     for fold in range(folds.max() + 1):
         fit_rows, val_rows = folds != fold, folds == fold
-        model = fit_on_rows(head, data, fit_rows, data.train[val_rows], data.y[val_rows])
+        model = fit_on_rows(head, data, fit_rows)
         oof[val_rows] = predict_rows(model, data, val_rows)
         test += predict_with_tta(model, data.test, data.test_flip) / (folds.max() + 1)
         fold_scores.append(scores(data.y[val_rows], oof[val_rows]))
