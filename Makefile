@@ -129,7 +129,8 @@ train: $(RUN_DIR)/metrics.json ## cross-validated head on the concatenated featu
 # $(call train_head,feature files,run folder,head)
 train_head = $(CLI) train --features $(1) --out $(2) --head $(3) --tta $(TTA) --folds $(FOLDS) --seed $(SEED)
 
-# heads.py is a prerequisite: a change to how heads are fitted retrains them (seconds).
+# heads.py is a prerequisite: after a code change the CLI decides from the run's recorded
+# settings (heads.METHOD_VERSION among them) whether to retrain, and marks it fresh if not.
 ifneq ($(HEAD),finetune)
 $(RUN_DIR)/metrics.json: $(FEATURE_FILES) src/dogscats/heads.py | check-backbones $(SETUP)
 	$(call train_head,$(FEATURE_FILES),$(@D),$(HEAD))

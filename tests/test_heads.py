@@ -148,6 +148,23 @@ def test_train_writes_a_run_folder_with_out_of_fold_predictions(tmp_path):
     assert metrics["log_loss"] == pytest.approx(heads.scores(y, oof["pred"])["log_loss"])
     assert len(metrics["fold_scores"]) == 3 and metrics["accuracy"] > 0.9
     assert len(list(out.glob("fold_*.joblib"))) == 3
+
+
+def test_train_again_is_up_to_date_until_a_setting_changes(tmp_path):
+    X, y = separable(n=60, dim=6)
+    path = tmp_path / "f.h5"
+    write_features(path, [f"x.{i}" for i in range(60)], y, X, ["1", "2", "3"], X[:3])
+    out = tmp_path / "run"
+    heads.train([path], out, head="logreg", n_folds=3, log=lambda *_: None)
+    before = (out / "oof.csv").stat().st_mtime_ns
+    log = []
+    heads.train([path], out, head="logreg", n_folds=3, log=log.append)
+    assert log == [f"{out} is up to date: nothing to redo."]
+    assert (out / "oof.csv").stat().st_mtime_ns == before  # nothing rewritten
+    log.clear()
+    heads.train([path], out, head="logreg", n_folds=3, seed=5, log=log.append)
+    assert log[0] == f"{out} is out of date (the settings changed): training."
+    assert json.loads((out / "metrics.json").read_text())["seed"] == 5
     assert pd.read_csv(out / "test.csv")["pred"].between(0, 1).all()
     assert not (tmp_path / "run.partial").exists()
 

@@ -12,10 +12,10 @@ While running: {split}.partial.npy (rows written in place) and {split}.partial.s
 
 Memory stays flat: workers decode into a buffer of a few rows and `os.pwrite` each run of
 consecutive rows straight into the output file (preallocated); the parent only keeps per-row
-flags. Both splits go through one stream
-of pool tasks; a background thread flushes written rows to disk meanwhile, so the fsync that
-makes a split durable waits for the last rows only. Every file is written under a temporary
-name and `os.replace`d; a re-run resumes from the partial array using a done-mask checkpoint.
+flags. Both splits go through one stream of pool tasks; a background thread flushes written
+rows to disk meanwhile, so the fsync that makes a split durable waits for the last rows only.
+Every file is written under a temporary name and `os.replace`d; a re-run resumes from the
+partial array using a done-mask checkpoint.
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ COMPETITION = "dogs-vs-cats-redux-kernels-edition"
 DOG, CAT = 1, 0
 HEADS = ("logreg", "keras", "zeroshot")
 # Lower out-of-fold (0.0227 vs 0.0231) and test (0.0199 vs 0.0218) log loss than the Keras head
-# for the default run on the shared sample (README has the numbers); deterministic, and its
-# `make train` needs no TensorFlow.
+# for the offline ensemble with TTA=flip on the shared sample (README has the numbers);
+# deterministic, and its `make train` needs no TensorFlow.
 DEFAULT_HEAD = "logreg"
 
 

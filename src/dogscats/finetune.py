@@ -94,7 +94,7 @@ class Job:
     arrays_dir: Path
     cache_root: Path  # maps at the cut are cached under it
     hp: Hyperparameters
-    settings: dict  # recorded in metrics.json; see is_up_to_date
+    settings: dict  # recorded in metrics.json; see heads.is_up_to_date
     progress: bool
     log: Log
 
@@ -810,27 +810,6 @@ def _weights_key(weights: str, seed: int) -> str:
     return f"file:{os.path.abspath(weights)}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def is_up_to_date(out: Path, settings: dict, inputs: list[Path], log: Log) -> bool:
-    """metrics.json exists, was written with these settings and is newer than every input."""
-    metrics = out / "metrics.json"
-    if not metrics.is_file():
-        return False
-    try:
-        stored = json.loads(metrics.read_text()).get("settings")
-    except ValueError:
-        stored = None
-    newer = all(metrics.stat().st_mtime >= path.stat().st_mtime for path in inputs)
-    if stored == settings and newer:
-        log(f"{out} is up to date: nothing to redo.")
-        # make asks again whenever finetune.py is newer than the run; the settings (with
-        # METHOD_VERSION) say the run stands, so mark it fresh and make stops asking.
-        os.utime(metrics)
-        return True
-    reason = "its inputs are newer" if stored == settings else "the settings changed"
-    log(f"{out} is out of date ({reason}): fine-tuning again.")
-    return False
-
-
 def open_work(out: Path, settings: dict, log: Log) -> Path:
     """The work folder: resumed when its settings match, else (said so) started afresh."""
     work = out.with_name(out.name + ".work")
@@ -922,7 +901,7 @@ def finetune(
     }
     inputs = [head_path / "metrics.json", arrays_dir / arrays.MANIFEST]
     inputs += [Path(weights)] if weights not in ("imagenet", "random") else []
-    if is_up_to_date(out, settings, inputs, log):
+    if heads.is_up_to_date(out, settings, inputs, log, redo="fine-tuning again"):
         return out
     if weights == "imagenet" and not spec.offline:
         resolve_keras_weights(spec, weights_dir)  # fail now, before any long work

@@ -33,6 +33,7 @@ from dogscats import config
 from dogscats.features import load_features
 
 HEADS, DEFAULT_HEAD = config.HEADS, config.DEFAULT_HEAD
+METHOD_VERSION = 2  # bump when a code change alters what `train` computes: finished runs redo
 
 
 class _BinaryHead(ClassifierMixin, BaseEstimator):
@@ -406,6 +407,16 @@ def train(
     metrics.json (per-fold and overall out-of-fold log loss and accuracy, settings).
     """
     out = Path(out)
+    settings = {
+        "method_version": METHOD_VERSION,
+        "head": head,
+        "tta": tta,
+        "folds": n_folds,
+        "seed": seed,
+        "feature_files": [str(p) for p in feature_files],
+    }
+    if is_up_to_date(out, settings, [Path(p) for p in feature_files], log, redo="training"):
+        return out
     data = load_feature_set(feature_files, tta)
     folds = make_folds(data.y, n_folds, seed)
     log(
@@ -424,6 +435,7 @@ def train(
         "seed": seed,
         "feature_files": [str(p) for p in feature_files],
         "fold_scores": result.fold_scores,
+        "settings": settings,
     }
     log(
         f"out-of-fold: log_loss={metrics['log_loss']:.5f} accuracy={metrics['accuracy']:.4f} "
@@ -431,6 +443,30 @@ def train(
     )
     write_run(out, data, result, metrics)
     return out
+
+
+def is_up_to_date(out: Path, settings: dict, inputs: list[Path], log=print, *, redo: str) -> bool:
+    """metrics.json of run folder `out` exists, was written with these settings and is newer
+    than every input. Shared by `train` and fine-tuning; `redo` says what happens if not."""
+    metrics = out / "metrics.json"
+    if not metrics.is_file():
+        return False
+    try:
+        stored = json.loads(metrics.read_text()).get("settings")
+    except ValueError:
+        stored = None
+    newer = all(metrics.stat().st_mtime >= path.stat().st_mtime for path in inputs)
+    if stored == settings and newer:
+        log(f"{out} is up to date: nothing to redo.")
+        # make asks again whenever the code (a prerequisite) is newer than the run; the
+        # settings (with METHOD_VERSION) say the run stands, so mark it fresh and make stops
+        # asking. Without this, a retrained head would also make every fine-tuning run on it
+        # look stale.
+        os.utime(metrics)
+        return True
+    reason = "its inputs are newer" if stored == settings else "the settings changed"
+    log(f"{out} is out of date ({reason}): {redo}.")
+    return False
 
 
 def write_run(out: Path, data: FeatureSet, result: CVResult, metrics: dict) -> None:
