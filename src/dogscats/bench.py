@@ -361,7 +361,7 @@ def _forward_setup(backbone: str, weights: str, precision: str, batch_size: int,
     from dogscats.backbones import get_backbone
 
     spec = get_backbone(backbone)
-    model = features._build(spec, weights, None, precision)  # exactly what extract() builds
+    model = features.build_model(spec, weights, None, precision)  # exactly what extract() builds
     forward = features.make_forward(model, spec, batch_size, flip=False)
     images, _ = arrays.load_split(arrays_dir, "train")
     batch = np.zeros((batch_size, *images.shape[1:]), np.uint8)

@@ -110,7 +110,7 @@ def extract(
         )
     elif weights == "imagenet" and not spec.offline:
         resolve_keras_weights(spec, weights_dir)  # fail now, before any long work
-    model = _build(spec, weights, weights_dir, precision)
+    model = build_model(spec, weights, weights_dir, precision)
     forward = make_forward(model, spec, batch_size, flip=(tta == "flip"))
     partial = out.with_name(out.name + ".partial")
     with h5py.File(_open_partial(partial, wanted), "a") as handle:
@@ -128,7 +128,8 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(choices)}. Received: {value!r}")
 
 
-def _build(spec: BackboneSpec, weights: str, weights_dir: str | None, precision: str):
+def build_model(spec: BackboneSpec, weights: str, weights_dir: str | None, precision: str):
+    """The backbone as `extract` builds it: the given weights, computed in `precision`."""
     import keras
 
     keras.mixed_precision.set_global_policy(

@@ -1,0 +1,159 @@
+"""Plumbing shared by every stage: complete-or-absent writes, digests, settings stamps.
+
+Every output of the pipeline is written under a temporary name beside its final one, synced,
+then renamed: an interrupted stage leaves no half file under a final name, and the rename is
+the commit. Standard library only at import time, so `make` can ask Python for names cheaply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+SPLITS = ("train", "test")
+
+
+def partial_path(path: str | os.PathLike) -> Path:
+    """Where `path` is written until it is complete: `name.partial` in the same folder
+    (a rename within one folder is atomic). For a `.npy` the suffix stays last, so NumPy
+    opens it: `train.partial.npy`."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        return path.with_name(f"{path.stem}.partial.npy")
+    return path.with_name(path.name + ".partial")
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
+    """Write `path` through `write(handle)` on its partial name, fsync, rename into place.
+
+    On any error (a full disk included) the partial file is removed and the error propagates:
+    the final name either holds the complete old content or the complete new one.
+    """
+    path = Path(path)
+    tmp = partial_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda handle: handle.write(text.encode()))
+
+
+def write_json(path: str | os.PathLike, data: object) -> Path:
+    return write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> dict | None:
+    """The JSON object in `path`, or None when it is missing or unreadable (a cut file)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_csv(path: str | os.PathLike, frame, **to_csv: Any) -> Path:
+    """A pandas DataFrame as CSV, without the index unless asked."""
+    to_csv.setdefault("index", False)
+    return atomic_write(path, lambda handle: frame.to_csv(handle, **to_csv))
+
+
+def write_joblib(path: str | os.PathLike, value: object) -> Path:
+    import joblib
+
+    return atomic_write(path, lambda handle: joblib.dump(value, handle))
+
+
+def move_into_place(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Rename a finished file or folder over `target` (a folder replaces the old one whole)."""
+    source, target = Path(source), Path(target)
+    if source.is_dir() and target.exists():
+        old = target.with_name(target.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(source, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(source, target)
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """A fresh partial folder to fill; it replaces `path` whole when the block ends cleanly,
+    and is removed when it raises."""
+    path = Path(path)
+    tmp = partial_path(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    move_into_place(tmp, path)
+
+
+def remove(*paths: str | os.PathLike) -> None:
+    """Delete files that may or may not exist."""
+    for path in paths:
+        Path(path).unlink(missing_ok=True)
+
+
+def digest(*parts: object) -> str:
+    """sha1 hex of the parts: bytes as they are, anything else as its str; parts separated,
+    so ("ab", "c") and ("a", "bc") differ."""
+    sha = hashlib.sha1()
+    for part in parts:
+        sha.update(part if isinstance(part, bytes) else str(part).encode())
+        sha.update(b"\0")
+    return sha.hexdigest()
+
+
+def changed_settings(stored: dict | None, wanted: dict) -> list[str]:
+    """Names of the settings that differ between a stamp and what is wanted now (all of
+    them when there is no stamp)."""
+    if stored is None:
+        return sorted(wanted)
+    return sorted(k for k in stored.keys() | wanted.keys() if stored.get(k) != wanted.get(k))
+
+
+def up_to_date(
+    output: str | os.PathLike,
+    stored: dict | None,
+    wanted: dict,
+    inputs: list[Path] = (),
+) -> str | None:
+    """None when `output` exists, was made with the `wanted` settings and is newer than every
+    input; else why it must be redone. The one up-to-date rule of the stages that record their
+    settings (runs, fine-tuning); `stored` is what `output` recorded."""
+    output = Path(output)
+    if not output.exists():
+        return "it does not exist"
+    changed = changed_settings(stored, wanted)
+    if changed:
+        return f"settings changed: {', '.join(changed)}"
+    mtime = output.stat().st_mtime
+    newer = [str(path) for path in inputs if Path(path).stat().st_mtime > mtime]
+    if newer:
+        return f"inputs are newer: {', '.join(newer)}"
+    return None
