@@ -4,7 +4,6 @@
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := submission
-.SECONDEXPANSION:
 
 ## Variables (override on the command line: make submission BACKBONES="resnet50" HEAD=keras)
 PYTHON ?= python3
@@ -37,51 +36,26 @@ SETUP := $(VENV)/.installed
 export WEIGHTS_DIR
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-# Derived files live apart per dataset: the folder name plus a hash of DATA_DIR's absolute path
-# (src/dogscats/config.py:dataset_key computes the same; a test keeps them in step).
-ifneq ($(words $(DATA_DIR)),1)
-$(error DATA_DIR='$(DATA_DIR)': make cannot handle spaces in paths; link the folder to a path without them)
-endif
-ABS_DATA := $(abspath $(DATA_DIR))
-DS := $(notdir $(ABS_DATA))-$(shell printf '%s' '$(ABS_DATA)' | sha1sum | cut -c1-8)
-OUT := features/$(DS)
-ARR := $(OUT)/arrays
+# Every output path and rule comes from Python (src/dogscats/plan.py, from config's names), in
+# one call that needs only the standard library: it answers before the venv exists.
+define newline
 
-# name:input_size pairs from the registry (stdlib only: answers before the venv exists).
-PLAN := $(shell PYTHONPATH=src $(PYTHON) -m dogscats.cli backbones --sizes $(BACKBONES) $(if $(filter finetune,$(HEAD) $(MAKECMDGOALS)),$(BACKBONE)))
-NAMES := $(foreach p,$(PLAN),$(firstword $(subst :, ,$(p))))
-SIZES := $(sort $(foreach p,$(PLAN),$(lastword $(subst :, ,$(p)))))
-size_of = $(lastword $(subst :, ,$(filter $(1):%,$(PLAN))))
 
-empty :=
-space := $(empty) $(empty)
-flag = $(if $(filter $(2),$(1)),$(3))
-TAG := $(call flag,$(WEIGHTS),random,.random)$(call flag,$(PRECISION),bfloat16,.bf16)$(call flag,$(TTA),flip,.flip)
-# A file with mirrored features also holds the plain ones: TTA=none reuses it, never re-extracts.
-feature_file = $(or $(if $(filter none,$(TTA)),$(wildcard $(OUT)/$(1)$(TAG).flip.h5)),$(OUT)/$(1)$(TAG).h5)
-FEATURE_FILES := $(foreach n,$(NAMES),$(call feature_file,$(n)))
-TAG_PARTS := $(subst .,__,$(TAG))$(if $(filter-out 5,$(FOLDS)),__folds$(FOLDS))$(if $(filter-out 2017,$(SEED)),__seed$(SEED))
-# Fine-tuning starts from the head fitted on BACKBONE's features alone (FT_HEAD), fold by fold.
-FT_HEAD_RUN := $(OUT)/models/$(BACKBONE)__$(FT_HEAD)$(TAG_PARTS)
-# FT_* hyperparameters left empty keep finetune.py's defaults; one that is set names the run
-# (so make redoes it) and reaches the CLI.
-ft_part = $(if $($(1)),__$(2)$($(1)))
-ft_flag = $(if $($(1)),--$(2) $($(1)))
-FT_PARTS := $(call ft_part,FT_EPOCHS,ep)$(call ft_part,FT_LR,lr)$(call ft_part,FT_BATCH,bs)$(call ft_part,FT_PATIENCE,pat)$(call ft_part,FT_DROPOUT,drop)
-FT_FLAGS := $(strip $(call ft_flag,FT_EPOCHS,epochs) $(call ft_flag,FT_LR,learning-rate) $(call ft_flag,FT_BATCH,batch-size) $(call ft_flag,FT_PATIENCE,patience) $(call ft_flag,FT_DROPOUT,dropout))
-FT_RUN := $(BACKBONE)__finetune$(BLOCKS)__aug$(AUGMENT)$(FT_PARTS)$(TAG_PARTS)
-RUN := $(subst $(space),+,$(NAMES))__$(HEAD)$(TAG_PARTS)
-ifeq ($(HEAD),finetune)
-RUN := $(FT_RUN)
-FEATURE_FILES := $(call feature_file,$(BACKBONE))
-endif
-RUN_DIR := $(OUT)/models/$(RUN)
-SUBMISSION ?= submissions/$(DS)/$(RUN)$(if $(filter-out auto,$(CLIP)),__clip$(CLIP)).csv
+endef
+PLAN_ARGS := --data-dir '$(DATA_DIR)' --backbones '$(BACKBONES)' --head '$(HEAD)' --tta '$(TTA)' \
+	--weights '$(WEIGHTS)' --precision '$(PRECISION)' --folds '$(FOLDS)' --seed '$(SEED)' \
+	--clip '$(CLIP)' --backbone '$(BACKBONE)' --blocks '$(BLOCKS)' --augment '$(AUGMENT)' \
+	--ft-head '$(FT_HEAD)' --ft-epochs '$(FT_EPOCHS)' --ft-learning-rate '$(FT_LR)' \
+	--ft-batch-size '$(FT_BATCH)' --ft-patience '$(FT_PATIENCE)' --ft-dropout '$(FT_DROPOUT)' \
+	$(if $(filter finetune,$(HEAD) $(MAKECMDGOALS)),--finetune)
+PLAN := $(shell PYTHONPATH=src $(PYTHON) -m dogscats.cli plan $(PLAN_ARGS))
+$(eval $(subst ;;,$(newline),$(PLAN)))
+SUBMISSION ?= $(SUBMISSION_FILE)
 LABELS ?= $(DATA_DIR)/test_labels.csv
 
 .PHONY: help setup data preprocess features train finetune submission score backbones bench test \
 	lint clean \
-	check-backbones
+	check-plan
 
 help: ## list targets and variables
 	@grep -E '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -95,8 +69,8 @@ $(SETUP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-check-backbones:
-	@test -n "$(PLAN)" || { echo "error: BACKBONES='$(BACKBONES)' names no registered backbone (make backbones lists them)" >&2; exit 2; }
+check-plan:
+	@$(if $(PLAN_ERROR),echo "error: $(PLAN_ERROR)" >&2; exit 2,:)
 
 backbones: | $(SETUP) ## list the backbone registry
 	@$(CLI) backbones
@@ -104,59 +78,53 @@ backbones: | $(SETUP) ## list the backbone registry
 data: | $(SETUP) ## check DATA_DIR; unzip or download the competition (Kaggle CLI) if missing
 	$(CLI) data --data-dir '$(DATA_DIR)'
 
-preprocess: $(foreach s,$(SIZES),$(ARR)/$(s)/manifest.json) | check-backbones ## images -> uint8 arrays, one per input size
+preprocess: $(addsuffix /manifest.json,$(ARRAY_DIRS)) | check-plan ## images -> uint8 arrays, one per input size
 
-$(ARR)/%/manifest.json: $(wildcard $(DATA_DIR)/train $(DATA_DIR)/test) | $(SETUP)
+features: $(FEATURE_FILES) | check-plan ## GAP features of each of BACKBONES
+
+train: $(RUN_DIR)/metrics.json | check-plan ## cross-validated head on the concatenated features
+
+finetune: $(FT_RUN_DIR)/metrics.json | check-plan ## fine-tune BLOCKS top blocks of BACKBONE, per fold
+
+submission: $(SUBMISSION) | check-plan ## (default) clipped submission CSV; redoes only what is stale
+	@$(if $(SUBMISSION_MADE),:,echo "$(SUBMISSION) is up to date: nothing to redo.")
+
+# File rules: each output's prerequisites are its inputs, so make redoes only what is stale.
+# A stage's version file (src/dogscats/versions/) is a prerequisite too: bumping it redoes runs.
+ifndef PLAN_ERROR
+$(addsuffix /manifest.json,$(ARRAY_DIRS)): %/manifest.json: $(wildcard $(DATA_DIR)/train $(DATA_DIR)/test) | $(SETUP)
 	$(CLI) data --data-dir '$(DATA_DIR)'
-	$(CLI) preprocess --data-dir '$(DATA_DIR)' --size $* --out $(ARR)/$* $(if $(WORKERS),--workers $(WORKERS))
+	$(CLI) preprocess --data-dir '$(DATA_DIR)' --size $(notdir $*) --out $* $(if $(WORKERS),--workers $(WORKERS))
 
-features: $(FEATURE_FILES) | check-backbones ## GAP features of each of BACKBONES
-
-# $(call extract,backbone,tta,output)
-extract = $(CLI) features --data-dir '$(DATA_DIR)' --backbone $(1) --weights $(WEIGHTS) --tta $(2) \
-	--precision $(PRECISION) --batch-size $(BATCH_SIZE) --arrays $(ARR)/$(call size_of,$(1)) --out $(3)
-
-$(OUT)/%$(TAG).h5: $(ARR)/$$(call size_of,$$*)/manifest.json | $(SETUP)
-	$(call extract,$*,$(TTA),$@)
-
-ifeq ($(TTA),none)
-$(OUT)/%$(TAG).flip.h5: $(ARR)/$$(call size_of,$$*)/manifest.json | $(SETUP)
-	$(call extract,$*,flip,$@)
-endif
-
-train: $(RUN_DIR)/metrics.json ## cross-validated head on the concatenated features
+# Each feature file's arrays and EXTRACT_* variables come from the plan.
+$(sort $(FEATURE_FILES) $(FT_HEAD_FEATURES)): | $(SETUP)
+	$(CLI) features --data-dir '$(DATA_DIR)' --backbone $(EXTRACT_BACKBONE) --weights $(WEIGHTS) \
+		--tta $(EXTRACT_TTA) --precision $(PRECISION) --batch-size $(BATCH_SIZE) \
+		--arrays $(EXTRACT_ARRAYS) --out $@
 
 # $(call train_head,feature files,run folder,head)
 train_head = $(CLI) train --features $(1) --out $(2) --head $(3) --tta $(TTA) --folds $(FOLDS) --seed $(SEED)
 
-# heads.py is a prerequisite: after a code change the CLI decides from the run's recorded
-# settings (heads.METHOD_VERSION among them) whether to retrain, and marks it fresh if not.
 ifneq ($(HEAD),finetune)
-$(RUN_DIR)/metrics.json: $(FEATURE_FILES) src/dogscats/heads.py | check-backbones $(SETUP)
+$(RUN_DIR)/metrics.json: $(FEATURE_FILES) $(TRAIN_VERSION) | $(SETUP)
 	$(call train_head,$(FEATURE_FILES),$(@D),$(HEAD))
 endif
 
 ifneq ($(FT_HEAD_RUN),$(RUN_DIR))
-$(FT_HEAD_RUN)/metrics.json: $(call feature_file,$(BACKBONE)) src/dogscats/heads.py | $(SETUP)
-	$(call train_head,$<,$(@D),$(FT_HEAD))
+$(FT_HEAD_RUN)/metrics.json: $(FT_HEAD_FEATURES) $(TRAIN_VERSION) | $(SETUP)
+	$(call train_head,$(FT_HEAD_FEATURES),$(@D),$(FT_HEAD))
 endif
 
-finetune: $(OUT)/models/$(FT_RUN)/metrics.json ## fine-tune BLOCKS top blocks of BACKBONE, per fold
-
-# finetune.py is a prerequisite: after a code change the CLI decides from the run's recorded
-# settings (METHOD_VERSION among them) whether to redo it, and marks it fresh if not.
-$(OUT)/models/$(FT_RUN)/metrics.json: $(FT_HEAD_RUN)/metrics.json $(ARR)/$$(call size_of,$(BACKBONE))/manifest.json src/dogscats/finetune.py | $(SETUP)
+$(FT_RUN_DIR)/metrics.json: $(FT_HEAD_RUN)/metrics.json $(FT_ARRAYS)/manifest.json $(FINETUNE_VERSION) | $(SETUP)
 	$(CLI) finetune --data-dir '$(DATA_DIR)' --backbone $(BACKBONE) --blocks $(BLOCKS) \
 		--head-run $(FT_HEAD_RUN) --augment $(AUGMENT) --weights $(WEIGHTS) --seed $(SEED) \
-		--arrays $(ARR)/$(call size_of,$(BACKBONE)) --out $(@D) $(FT_FLAGS)
-
-submission: $(SUBMISSION) ## (default) clipped submission CSV; redoes only what is stale
-	@$(if $(SUBMISSION_MADE),:,echo "$(SUBMISSION) is up to date: nothing to redo.")
+		--arrays $(FT_ARRAYS) --out $(@D) $(FT_FLAGS)
 
 $(SUBMISSION): $(RUN_DIR)/metrics.json $(wildcard $(DATA_DIR)/sample_submission.csv) | $(SETUP)
 	$(eval SUBMISSION_MADE := 1)
 	$(CLI) submission --run-dir $(RUN_DIR) --sample-submission '$(DATA_DIR)/sample_submission.csv' \
 		--out $@ --clip $(CLIP)
+endif
 
 score: | $(SETUP) ## log loss and accuracy of SUBMISSION against LABELS (id,label)
 	@$(CLI) score --submission '$(SUBMISSION)' --labels '$(LABELS)'

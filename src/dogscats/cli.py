@@ -54,6 +54,28 @@ def _backbone_source(p: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+def _plan_args(p):
+    from dogscats.plan import Variables
+
+    for name, default in Variables.__dataclass_fields__.items():
+        if name not in ("finetune", "hyperparameters"):
+            flag = "--" + name.replace("_", "-")
+            p.add_argument(flag, default=default.default, help="the make variable")
+    p.add_argument("--finetune", action="store_true", help="BACKBONE's arrays are needed")
+    for keyword, _ in config.FINETUNE_NAME_PARTS:
+        p.add_argument("--ft-" + keyword.replace("_", "-"), default="", dest=keyword)
+
+
+@command("plan", "the Makefile's paths and rules for these variables, as make syntax")(_plan_args)
+def plan_cmd(args):
+    from dogscats import plan
+
+    hyperparameters = {k: getattr(args, k) for k, _ in config.FINETUNE_NAME_PARTS}
+    names = set(plan.Variables.__dataclass_fields__) - {"hyperparameters"}
+    fields = {name: getattr(args, name) for name in names}
+    print(plan.as_make(plan.Variables(**{**fields, "hyperparameters": hyperparameters})))
+
+
 def _backbones_args(p):
     p.add_argument("names", nargs="*", help="wildcard (listing) or names (with --sizes)")
     p.add_argument(
@@ -136,15 +158,15 @@ def _train_args(p):
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--head", default=config.DEFAULT_HEAD, choices=config.HEADS)
     p.add_argument("--tta", default="none", choices=["none", "flip"])
-    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--folds", type=int, default=config.FOLDS)
     p.add_argument("--seed", type=int, default=config.SEED)
 
 
 @command("train", "cross-validated head on concatenated features")(_train_args)
 def train_cmd(args):
-    from dogscats import heads
+    from dogscats import train
 
-    heads.train(
+    train.train(
         args.features, args.out, head=args.head, tta=args.tta, n_folds=args.folds, seed=args.seed
     )
 

@@ -1,4 +1,8 @@
-"""Paths and constants, defined once. Stage modules import these names; none hard-codes a path."""
+"""Constants, choices, and every derived path and name, defined once.
+
+Stage modules and the Makefile (through `dogscats.cli plan`) take their paths and names from
+here; none builds one by hand. Standard library only: `make` imports this on every call.
+"""
 
 from __future__ import annotations
 
@@ -12,21 +16,27 @@ FEATURES_DIR = PROJECT_ROOT / "features"
 SUBMISSIONS_DIR = PROJECT_ROOT / "submissions"
 
 SEED = 2017
+FOLDS = 5
 COMPETITION = "dogs-vs-cats-redux-kernels-edition"
 DOG, CAT = 1, 0
 HEADS = ("logreg", "keras", "zeroshot")
-# Lower out-of-fold (0.0227 vs 0.0231) and test (0.0199 vs 0.0218) log loss than the Keras head
-# for the offline ensemble with TTA=flip on the shared sample (README has the numbers);
-# deterministic, and its `make train` needs no TensorFlow.
+# README's quality table has the comparison that made logreg the default.
 DEFAULT_HEAD = "logreg"
+TTAS = ("none", "flip")
+PRECISIONS = ("float32", "bfloat16")
+WEIGHT_MODES = ("imagenet", "random")  # or the path of a weights file
+AUGMENTS = ("flip", "full")
+
+
+# ----------------------------------------------------------------------------------------------
+# Folders
 
 
 def dataset_key(data_dir: str | os.PathLike) -> str:
     """Name of a dataset's output folder: the folder name plus a hash of its absolute path.
 
     Two DATA_DIRs never share arrays, features or models, even when their folder names match.
-    The Makefile computes the same key with `sha1sum` (a test keeps the two in step), so it must
-    stay `os.path.abspath` (no symlink resolution), exactly like make's `$(abspath ...)`.
+    `os.path.abspath` (no symlink resolution), as make's `$(abspath ...)` would see it.
     """
     absolute = os.path.abspath(os.fspath(data_dir))
     digest = hashlib.sha1(absolute.encode()).hexdigest()[:8]
@@ -43,5 +53,104 @@ def arrays_dir(data_dir: str | os.PathLike, size: int, features_root: Path = FEA
     return dataset_dir(data_dir, features_root) / "arrays" / str(size)
 
 
+def models_dir(data_dir: str | os.PathLike, features_root: Path = FEATURES_DIR) -> Path:
+    """Folder of the run folders (one per head or fine-tuning run)."""
+    return dataset_dir(data_dir, features_root) / "models"
+
+
+def cut_cache_dir(data_dir: str | os.PathLike, features_root: Path = FEATURES_DIR) -> Path:
+    """Folder of fine-tuning's cached feature maps at the cut."""
+    return dataset_dir(data_dir, features_root) / "cut_cache"
+
+
 def submissions_dir(data_dir: str | os.PathLike, root: Path = SUBMISSIONS_DIR) -> Path:
     return Path(root) / dataset_key(data_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# Names: feature files, runs, submissions
+
+
+def feature_tag(weights: str = "imagenet", precision: str = "float32", tta: str = "none") -> str:
+    """Suffix naming the settings that change a backbone's features, e.g. `.bf16.flip`."""
+    tag = ".random" if weights == "random" else ""
+    tag += ".bf16" if precision == "bfloat16" else ""
+    return tag + (".flip" if tta == "flip" else "")
+
+
+def feature_path(
+    data_dir: str | os.PathLike,
+    backbone: str,
+    weights: str = "imagenet",
+    precision: str = "float32",
+    tta: str = "none",
+    features_root: Path = FEATURES_DIR,
+) -> Path:
+    """The feature file of one backbone. A file with mirrored features also holds the plain
+    ones, so for tta="none" an existing `.flip` file is the answer (never extracted twice)."""
+    folder = dataset_dir(data_dir, features_root)
+    if tta == "none":
+        flipped = folder / f"{backbone}{feature_tag(weights, precision, 'flip')}.h5"
+        if flipped.is_file():
+            return flipped
+    return folder / f"{backbone}{feature_tag(weights, precision, tta)}.h5"
+
+
+def settings_suffix(
+    weights: str = "imagenet",
+    precision: str = "float32",
+    tta: str = "none",
+    folds: int = FOLDS,
+    seed: int = SEED,
+) -> str:
+    """The part of a run name for settings off their defaults, e.g. `__bf16__flip__folds10`."""
+    suffix = feature_tag(weights, precision, tta).replace(".", "__")
+    suffix += f"__folds{folds}" if int(folds) != FOLDS else ""
+    return suffix + (f"__seed{seed}" if int(seed) != SEED else "")
+
+
+def head_run_name(backbones: list[str], head: str, **settings) -> str:
+    """e.g. `efficientnet_lite0+efficientnet_lite1__logreg__flip`."""
+    return f"{'+'.join(backbones)}__{head}{settings_suffix(**settings)}"
+
+
+# Fine-tuning hyperparameters that name a run when set: (keyword, name part).
+FINETUNE_NAME_PARTS = (
+    ("epochs", "ep"),
+    ("learning_rate", "lr"),
+    ("batch_size", "bs"),
+    ("patience", "pat"),
+    ("dropout", "drop"),
+)
+
+
+def finetune_run_name(
+    backbone: str, blocks: int, augment: str, hyperparameters: dict | None = None, **settings
+) -> str:
+    """e.g. `efficientnet_lite0__finetune1__augflip__lr1e-4__flip`: every hyperparameter set
+    away from its default is in the name, so runs with other values sit side by side."""
+    given = hyperparameters or {}
+    parts = "".join(f"__{part}{given[key]}" for key, part in FINETUNE_NAME_PARTS if key in given)
+    return f"{backbone}__finetune{blocks}__aug{augment}{parts}{settings_suffix(**settings)}"
+
+
+def submission_path(data_dir: str | os.PathLike, run: str, clip: str = "auto") -> Path:
+    """The submission CSV of a run; a fixed CLIP is part of the name."""
+    suffix = "" if clip == "auto" else f"__clip{clip}"
+    return submissions_dir(data_dir) / f"{run}{suffix}.csv"
+
+
+# ----------------------------------------------------------------------------------------------
+# Method versions: one small file per stage whose results a code change can alter. Bump the
+# number when such a change lands: make sees the newer file as it sees any newer input, and
+# the stage, which records the number in its settings, redoes its finished runs.
+
+VERSIONS_DIR = Path(__file__).resolve().parent / "versions"
+
+
+def method_version_file(stage: str) -> Path:
+    return VERSIONS_DIR / f"{stage}.txt"
+
+
+def method_version(stage: str) -> int:
+    return int(method_version_file(stage).read_text())

@@ -13,36 +13,21 @@ from __future__ import annotations
 
 import mmap
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 from tqdm import tqdm
 
-from dogscats import arrays, config
+from dogscats import arrays, config, store
 from dogscats.backbones import BackboneSpec, build_backbone, get_backbone, resolve_keras_weights
+from dogscats.store import SPLITS
 
-SPLITS = ("train", "test")
 # ImageNet-1k class ranges used by the zero-shot head: dogs 151-268, cats 281-285.
 DOG_CLASSES = slice(151, 269)
 CAT_CLASSES = slice(281, 286)
-
-
-def feature_tag(weights: str = "imagenet", precision: str = "float32", tta: str = "none") -> str:
-    """Suffix naming the settings that change the features; the Makefile builds the same one."""
-    tag = ""
-    if weights == "random":
-        tag += ".random"
-    if precision == "bfloat16":
-        tag += ".bf16"
-    if tta == "flip":
-        tag += ".flip"
-    return tag
-
-
-def feature_path(data_dir: str | os.PathLike, backbone: str, **settings: str) -> Path:
-    return config.dataset_dir(data_dir) / f"{backbone}{feature_tag(**settings)}.h5"
 
 
 def expected_attrs(
@@ -95,7 +80,8 @@ def extract(
     _check_choice("PRECISION", precision, ("float32", "bfloat16"))
     arrays_dir = Path(arrays_dir or config.arrays_dir(data_dir, spec.input_size))
     out = Path(
-        out or feature_path(data_dir, backbone, weights=weights, precision=precision, tta=tta)
+        out
+        or config.feature_path(data_dir, backbone, weights=weights, precision=precision, tta=tta)
     )
     manifest = arrays.read_manifest(arrays_dir)
     wanted = expected_attrs(spec, weights, precision, tta, manifest["fingerprint"])
@@ -112,7 +98,7 @@ def extract(
         resolve_keras_weights(spec, weights_dir)  # fail now, before any long work
     model = build_model(spec, weights, weights_dir, precision)
     forward = make_forward(model, spec, batch_size, flip=(tta == "flip"))
-    partial = out.with_name(out.name + ".partial")
+    partial = store.partial_path(out)
     with h5py.File(_open_partial(partial, wanted), "a") as handle:
         for split in SPLITS:
             images, index = arrays.load_split(arrays_dir, split)
@@ -262,22 +248,37 @@ def _extract_split(handle, split, images, index, forward, batch_size, tta, progr
     if "ids" not in group:
         group.create_dataset("ids", data=index["id"].astype(str).to_numpy().astype("S"))
         group.create_dataset("labels", data=index["label"].to_numpy().astype("int8"))
-    done = int(group.attrs.get("rows_done", 0))
-    bar = tqdm(
-        total=n,
-        initial=done,
-        desc=f"{handle.attrs['backbone']} {split}",
-        unit="img",
-        disable=not progress,
-    )
-    for batch in batch_stream(images, batch_size, start=done):
-        outputs = forward(batch)
-        rows = min(batch_size, n - done)
+
+    def write(first: int, outputs: list[np.ndarray]) -> None:
         for name, output in zip(names, outputs):
-            group[name][done : done + rows] = output.numpy()[:rows]
-        done += rows
-        group.attrs["rows_done"] = done  # resume point, flushed with the rows it counts
+            group[name][first : first + len(output)] = output
+        group.attrs["rows_done"] = first + len(outputs[0])  # flushed with the rows it counts
         handle.flush()
+
+    done = int(group.attrs.get("rows_done", 0))
+    desc = f"{handle.attrs['backbone']} {split}"
+    run_forward(images, forward, batch_size, write, start=done, desc=desc, progress=progress)
+
+
+def run_forward(
+    images: np.ndarray,
+    forward,
+    batch_size: int,
+    write: Callable[[int, list[np.ndarray]], None],
+    start: int = 0,
+    desc: str = "",
+    progress: bool = True,
+) -> None:
+    """The resumable loop of every stage that runs a network over the arrays (features, the
+    fine-tuning cache): `forward` on rows start.. in fixed-size batches, then
+    `write(first_row, outputs)` with the padding cut off; `write` records its own resume point.
+    """
+    bar = tqdm(total=len(images), initial=start, desc=desc, unit="img", disable=not progress)
+    done = start
+    for batch in batch_stream(images, batch_size, start=start):
+        rows = min(batch_size, len(images) - done)
+        write(done, [np.asarray(output)[:rows] for output in forward(batch)])
+        done += rows
         bar.update(rows)
     bar.close()
 
@@ -315,3 +316,97 @@ def load_features(path: str | os.PathLike, split: str) -> dict[str, np.ndarray]:
         data["ids"] = data["ids"].astype(str)
         data["attrs"] = dict(handle.attrs)
     return data
+
+
+# ----------------------------------------------------------------------------------------------
+# Feature sets: several backbones' files, concatenated for a head
+
+
+@dataclass
+class FeatureSet:
+    """Concatenated features of several backbones, aligned by id."""
+
+    train: np.ndarray
+    test: np.ndarray
+    y: np.ndarray
+    train_ids: np.ndarray
+    test_ids: np.ndarray
+    train_flip: np.ndarray | None = None
+    test_flip: np.ndarray | None = None
+    train_zeroshot: np.ndarray | None = None
+    test_zeroshot: np.ndarray | None = None
+
+    def for_head(self, columns: str) -> FeatureSet:
+        """What a head reads (`heads.*.input`): the features, or the zero-shot P(dog) column
+        (already averaged over the mirrored images under TTA=flip)."""
+        if columns == "features":
+            return self
+        if self.train_zeroshot is None:
+            raise ValueError(
+                "HEAD=zeroshot needs a backbone whose ImageNet classifier ships with "
+                "its weights (BACKBONES=offline) and WEIGHTS=imagenet."
+            )
+        return FeatureSet(
+            train=self.train_zeroshot[:, None],
+            test=self.test_zeroshot[:, None],
+            y=self.y,
+            train_ids=self.train_ids,
+            test_ids=self.test_ids,
+        )
+
+
+class FeatureMismatchError(ValueError):
+    pass
+
+
+def load_feature_set(paths: list[str | os.PathLike], tta: str = "none") -> FeatureSet:
+    """Load and concatenate feature files; their ids and labels must be identical."""
+    if not paths:
+        raise ValueError("No feature files given.")
+    parts = {split: [load_features(p, split) for p in paths] for split in ("train", "test")}
+    for split, loaded in parts.items():
+        _check_aligned(paths, loaded, split)
+    flip = tta == "flip"
+    if flip:
+        missing = [str(p) for p, d in zip(paths, parts["train"]) if "features_flip" not in d]
+        if missing:
+            raise FeatureMismatchError(
+                f"TTA=flip needs mirrored features, missing in: {', '.join(missing)}. "
+                "Run `make features TTA=flip`."
+            )
+    train, test = parts["train"], parts["test"]
+    return FeatureSet(
+        train=_concat(train, "features"),
+        test=_concat(test, "features"),
+        y=train[0]["labels"].astype(int),
+        train_ids=train[0]["ids"],
+        test_ids=test[0]["ids"],
+        train_flip=_concat(train, "features_flip") if flip else None,
+        test_flip=_concat(test, "features_flip") if flip else None,
+        train_zeroshot=_zeroshot(train, flip),
+        test_zeroshot=_zeroshot(test, flip),
+    )
+
+
+def _check_aligned(paths, loaded: list[dict], split: str) -> None:
+    first = loaded[0]
+    for path, data in zip(paths[1:], loaded[1:]):
+        same_ids = np.array_equal(first["ids"], data["ids"])
+        same_labels = np.array_equal(first["labels"], data["labels"])
+        if not (same_ids and same_labels):
+            what = "ids" if not same_ids else "labels"
+            raise FeatureMismatchError(
+                f"The {split} {what} of {path} differ from those of {paths[0]}: the feature "
+                "files were made from different images. Re-run `make features` for both."
+            )
+
+
+def _concat(loaded: list[dict], name: str) -> np.ndarray:
+    return np.concatenate([d[name] for d in loaded], axis=1).astype("float32")
+
+
+def _zeroshot(loaded: list[dict], flip: bool) -> np.ndarray | None:
+    """Mean zero-shot P(dog) over the backbones that ship an ImageNet classifier."""
+    names = ["zeroshot"] + (["zeroshot_flip"] if flip else [])
+    columns = [d[n] for d in loaded for n in names if n in d]
+    return np.mean(columns, axis=0) if columns else None

@@ -7,12 +7,13 @@ Imports no TensorFlow, so a warm `make submission` stays fast.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from dogscats import runs, store
 
 # Never 0: a clip of 1e-4 costs at most 9.2 / n_test per confident mistake on the leaderboard.
 CLIP_GRID = np.round(np.geomspace(1e-4, 0.05, 40), 6)
@@ -80,10 +81,8 @@ def write_submission(
     log=print,
 ) -> dict[str, float]:
     """Clip the run's test predictions and write `out` in sample_submission's id order."""
-    run_dir, out = Path(run_dir), Path(out)
-    oof = pd.read_csv(run_dir / "oof.csv")
-    test = pd.read_csv(run_dir / "test.csv", dtype={"id": str})
-    cv = json.loads((run_dir / "metrics.json").read_text())
+    run = runs.read_run(run_dir)
+    oof, test, cv = run.oof, run.test, run.metrics
     c = (
         choose_clip(oof["label"].to_numpy(), oof["pred"].to_numpy())
         if clip_value is None
@@ -96,10 +95,7 @@ def write_submission(
     if set(frame["id"]) == set(ids) and not frame["id"].duplicated().any():
         frame = frame.set_index("id").loc[ids].reset_index()  # sample_submission's order
     check_submission(frame, ids)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    frame.to_csv(tmp, index=False, float_format="%.6f")
-    os.replace(tmp, out)
+    store.write_csv(out, frame, float_format="%.6f")
     log(f"Wrote {out}")
     log(
         f"clip c={c:g} ({'from out-of-fold predictions' if clip_value is None else 'CLIP'}); "

@@ -1,0 +1,118 @@
+"""The run folder: what a head (train) or fine-tuning (finetune) leaves for submission, blends
+and reports. Written here, read here; no other module touches its files by name.
+
+<models>/<run>/
+    oof.csv         id, label, fold, pred   out-of-fold P(dog) of every train image
+    test.csv        id, pred                fold-averaged P(dog) of every test image
+    fold_K.joblib   the fitted model of fold K (absent for runs that keep none)
+    metrics.json    scores, settings (the up-to-date stamp) and anything the stage adds
+    ...             stage extras moved in whole (fine-tuning: history_K.csv, logs/)
+The folder is assembled under a partial name and replaces the old one whole.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dogscats import store
+
+METRICS = "metrics.json"
+
+
+@dataclass
+class Predictions:
+    """Out-of-fold and test predictions with their ids: the body of every run."""
+
+    train_ids: np.ndarray
+    y: np.ndarray
+    folds: np.ndarray
+    oof: np.ndarray
+    test_ids: np.ndarray
+    test: np.ndarray
+
+
+def metrics_path(run_dir: str | os.PathLike) -> Path:
+    """The file whose presence marks a finished run (make's target for it)."""
+    return Path(run_dir) / METRICS
+
+
+def write_run(
+    out: str | os.PathLike,
+    predictions: Predictions,
+    metrics: dict,
+    models: list = (),
+    extras: dict[str, Path] | None = None,
+) -> Path:
+    """Write the run folder whole: predictions, fold models, metrics, and `extras`
+    ({name in the run folder: file or folder to move in})."""
+    out = Path(out)
+    p = predictions
+    with store.atomic_dir(out) as tmp:
+        oof = pd.DataFrame({"id": p.train_ids, "label": p.y, "fold": p.folds, "pred": p.oof})
+        oof.to_csv(tmp / "oof.csv", index=False)
+        pd.DataFrame({"id": p.test_ids, "pred": p.test}).to_csv(tmp / "test.csv", index=False)
+        for fold, model in enumerate(models):
+            store.write_joblib(tmp / f"fold_{fold}.joblib", model)
+        for name, source in (extras or {}).items():
+            if Path(source).exists():
+                os.replace(source, tmp / name)
+        store.write_json(tmp / METRICS, metrics)
+    return out
+
+
+@dataclass
+class Run:
+    """A finished run folder, read back."""
+
+    path: Path
+    oof: pd.DataFrame  # id (str), label, fold, pred
+    test: pd.DataFrame  # id (str), pred
+    metrics: dict
+
+    @property
+    def n_folds(self) -> int:
+        return int(self.oof["fold"].max()) + 1
+
+    def model_path(self, fold: int) -> Path:
+        return self.path / f"fold_{fold}.joblib"
+
+    def model(self, fold: int):
+        import joblib
+
+        return joblib.load(self.model_path(fold))
+
+
+def read_run(run_dir: str | os.PathLike) -> Run:
+    """A finished run; a clear error naming the folder when it is not one."""
+    path = Path(run_dir)
+    metrics = store.read_json(metrics_path(path))
+    if metrics is None:
+        raise FileNotFoundError(
+            f"{metrics_path(path)} not found or unreadable: {path} is not a finished run. "
+            "Run `make train` (or `make finetune`) for it first."
+        )
+    oof = pd.read_csv(path / "oof.csv", dtype={"id": str})
+    test = pd.read_csv(path / "test.csv", dtype={"id": str})
+    return Run(path, oof, test, metrics)
+
+
+def stored_settings(run_dir: str | os.PathLike) -> dict | None:
+    """The settings a finished run recorded, or None (no run, or a damaged stamp)."""
+    metrics = store.read_json(metrics_path(run_dir))
+    return None if metrics is None else metrics.get("settings")
+
+
+def up_to_date(run_dir: str | os.PathLike, settings: dict, inputs: list[Path], log=print) -> bool:
+    """True (and says so) when the run stands: made with these settings from these inputs."""
+    why = store.up_to_date(metrics_path(run_dir), stored_settings(run_dir), settings, inputs)
+    if why is None:
+        log(f"{run_dir} is up to date: nothing to redo.")
+        return True
+    if Path(run_dir).exists():
+        log(f"{run_dir} is out of date ({why}): redoing it.")
+    return False
