@@ -57,3 +57,20 @@ def write_kaggle_dataset(
 @pytest.fixture
 def kaggle_dataset(tmp_path: Path) -> Path:
     return write_kaggle_dataset(tmp_path / "comp")
+
+
+def write_features(path, ids, labels, feats, test_ids, test_feats, flip=False) -> None:
+    """A feature file of the layout features.extract writes, from given arrays."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        for split, i, x, lab in (
+            ("train", ids, feats, labels),
+            ("test", test_ids, test_feats, [-1] * len(test_ids)),
+        ):
+            g = f.create_group(split)
+            g["ids"] = np.array(i, dtype="S")
+            g["labels"] = np.array(lab, dtype="int8")
+            g["features"] = x
+            if flip:
+                g["features_flip"] = x + 0.01

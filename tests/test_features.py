@@ -5,8 +5,9 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pytest
+from conftest import write_features
 
-from dogscats import arrays, config, features
+from dogscats import arrays, features
 from dogscats.backbones import build_backbone, get_backbone
 
 
@@ -63,7 +64,7 @@ def test_flip_features_are_the_features_of_mirrored_images(arrays_224, tmp_path)
 def test_an_up_to_date_file_is_not_rebuilt(arrays_224, tmp_path, monkeypatch):
     data_dir, arrays_dir = arrays_224
     path = extract(data_dir, arrays_dir, tmp_path / "f.h5")
-    monkeypatch.setattr(features, "_build", lambda *a: pytest.fail("rebuilt"))
+    monkeypatch.setattr(features, "build_model", lambda *a: pytest.fail("rebuilt"))
     assert extract(data_dir, arrays_dir, path) == path
 
 
@@ -99,15 +100,6 @@ def test_an_interrupted_run_leaves_no_file_and_resumes(arrays_224, tmp_path, mon
         assert np.abs(f["train/features"][:]).sum(axis=1).min() > 0  # every row filled
 
 
-def test_feature_paths_are_kept_apart_per_dataset_and_settings(tmp_path):
-    a = features.feature_path(tmp_path / "one" / "data", "resnet50")
-    b = features.feature_path(tmp_path / "two" / "data", "resnet50")
-    assert a.parent != b.parent and a.name == b.name == "resnet50.h5"
-    assert a.parent.parent == config.FEATURES_DIR
-    random_flip = features.feature_path(tmp_path, "resnet50", weights="random", tta="flip")
-    assert random_flip.name == "resnet50.random.flip.h5"
-
-
 def test_zeroshot_probability_is_dog_mass_over_dog_and_cat_mass():
     logits = np.full((2, 1000), -50.0)
     logits[0, 200], logits[0, 282] = 2.0, 2.0  # one dog class and one cat class, equal
@@ -120,3 +112,29 @@ def test_unknown_tta_is_refused(arrays_224, tmp_path):
     data_dir, arrays_dir = arrays_224
     with pytest.raises(ValueError, match="TTA must be one of none, flip. Received: 'rot'"):
         extract(data_dir, arrays_dir, tmp_path / "f.h5", tta="rot")
+
+
+def separable(n=200, dim=16, seed=0):
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 2
+    X = rng.normal(size=(n, dim)).astype("float32")
+    X[:, 0] += 3 * (2 * y - 1)
+    return X, y
+
+
+def test_feature_set_concatenates_and_checks_ids(tmp_path):
+    X, y = separable(n=20, dim=4)
+    ids = [f"cat.{i}" for i in range(20)]
+    a, b, c = tmp_path / "a.h5", tmp_path / "b.h5", tmp_path / "c.h5"
+    write_features(a, ids, y, X, ["1", "2"], X[:2])
+    write_features(b, ids, y, 2 * X, ["1", "2"], X[:2])
+    data = features.load_feature_set([a, b])
+    assert data.train.shape == (20, 8) and data.test.shape == (2, 8)
+    assert np.array_equal(data.train[:, 4:], 2 * X)
+    write_features(c, ids[::-1], y, X, ["1", "2"], X[:2])
+    with pytest.raises(features.FeatureMismatchError, match=r"train ids of .*c\.h5 differ"):
+        features.load_feature_set([a, c])
+    with pytest.raises(features.FeatureMismatchError, match="TTA=flip needs mirrored"):
+        features.load_feature_set([a], tta="flip")
+
+

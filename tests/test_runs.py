@@ -1,0 +1,51 @@
+"""runs.py: the run folder is written whole and read back by the same module."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dogscats import runs
+
+
+def predictions() -> runs.Predictions:
+    return runs.Predictions(
+        train_ids=np.array(["cat.1", "dog.1", "cat.2", "dog.2"]),
+        y=np.array([0, 1, 0, 1]),
+        folds=np.array([0, 0, 1, 1]),
+        oof=np.array([0.1, 0.8, 0.3, 0.9]),
+        test_ids=np.array([1, 2]),
+        test=np.array([0.2, 0.7]),
+    )
+
+
+def test_a_run_reads_back_what_was_written(tmp_path):
+    extra = tmp_path / "history.csv"
+    extra.write_text("epoch\n0\n")
+    out = runs.write_run(
+        tmp_path / "run",
+        predictions(),
+        {"log_loss": 0.2, "settings": {"a": 1}},
+        models=[{"fold": 0}, {"fold": 1}],
+        extras={"history_0.csv": extra},
+    )
+    run = runs.read_run(out)
+    assert run.oof["id"].tolist() == ["cat.1", "dog.1", "cat.2", "dog.2"]
+    assert run.test["id"].tolist() == ["1", "2"] and run.n_folds == 2
+    assert run.model(1) == {"fold": 1} and run.metrics["log_loss"] == 0.2
+    assert (out / "history_0.csv").is_file() and not extra.exists()
+    assert runs.stored_settings(out) == {"a": 1}
+
+
+def test_up_to_date_needs_the_same_settings_and_older_inputs(tmp_path):
+    out = runs.write_run(tmp_path / "run", predictions(), {"settings": {"a": 1}})
+    log: list[str] = []
+    assert runs.up_to_date(out, {"a": 1}, [], log.append)
+    assert log == [f"{out} is up to date: nothing to redo."]
+    assert not runs.up_to_date(out, {"a": 2}, [], log.append)
+    assert log[-1] == f"{out} is out of date (settings changed: a): redoing it."
+
+
+def test_a_folder_that_is_not_a_run_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"run/metrics.json not found"):
+        runs.read_run(tmp_path / "run")

@@ -1,0 +1,71 @@
+"""store.py: writes are complete or absent; one digest; one up-to-date rule."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from dogscats import store
+
+
+def test_atomic_write_leaves_old_content_or_new_never_half(tmp_path):
+    path = tmp_path / "out.json"
+    store.write_json(path, {"a": 1})
+    assert store.read_json(path) == {"a": 1}
+
+    def failing(handle):
+        handle.write(b'{"a": ')
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        store.atomic_write(path, failing)
+    assert store.read_json(path) == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
+def test_partial_names_keep_numpy_suffixes(tmp_path):
+    assert store.partial_path(tmp_path / "train.npy").name == "train.partial.npy"
+    assert store.partial_path(tmp_path / "f.h5").name == "f.h5.partial"
+
+
+def test_atomic_dir_replaces_the_folder_whole_or_not_at_all(tmp_path):
+    out = tmp_path / "run"
+    with store.atomic_dir(out) as tmp:
+        (tmp / "a.csv").write_text("1")
+    with pytest.raises(RuntimeError), store.atomic_dir(out) as tmp:
+        (tmp / "b.csv").write_text("2")
+        raise RuntimeError("interrupted")
+    assert sorted(p.name for p in out.iterdir()) == ["a.csv"]
+    with store.atomic_dir(out) as tmp:
+        (tmp / "c.csv").write_text("3")
+    assert sorted(p.name for p in out.iterdir()) == ["c.csv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_digest_separates_parts_and_takes_bytes_as_they_are():
+    assert store.digest("ab", "c") != store.digest("a", "bc")
+    assert store.digest(b"x") == store.digest("x")
+    assert store.digest(b"\xff") != store.digest(str(b"\xff"))
+
+
+def test_read_json_of_a_cut_file_is_none(tmp_path):
+    path = tmp_path / "m.json"
+    path.write_text('{"a": ')
+    assert store.read_json(path) is None
+    assert store.read_json(tmp_path / "missing.json") is None
+
+
+def test_up_to_date_says_why_not(tmp_path):
+    output, source = tmp_path / "out", tmp_path / "in"
+    assert store.up_to_date(output, None, {"a": 1}) == "it does not exist"
+    source.write_text("x")
+    output.write_text("y")
+    os.utime(source, (1, 1))
+    assert store.up_to_date(output, {"a": 1}, {"a": 1}, [source]) is None
+    assert store.up_to_date(output, {"a": 1}, {"a": 2, "b": 0}, [source]) == (
+        "settings changed: a, b"
+    )
+    os.utime(source, None)
+    os.utime(output, (1, 1))
+    assert store.up_to_date(output, {"a": 1}, {"a": 1}, [source]).startswith("inputs are newer")
