@@ -19,13 +19,20 @@ from typing import IO, Any
 SPLITS = ("train", "test")
 
 
+# Suffixes that stay last in a partial name: NumPy appends `.npy` to any other name, and Keras
+# refuses to save under any other name.
+_KEPT_SUFFIXES = (".npy", ".weights.h5", ".keras")
+
+
 def partial_path(path: str | os.PathLike) -> Path:
     """Where `path` is written until it is complete: `name.partial` in the same folder
-    (a rename within one folder is atomic). For a `.npy` the suffix stays last, so NumPy
-    opens it: `train.partial.npy`."""
+    (a rename within one folder is atomic). For a `.npy`, `.weights.h5` or `.keras` the suffix
+    stays last, so NumPy and Keras accept it: `train.partial.npy`."""
     path = Path(path)
-    if path.suffix == ".npy":
-        return path.with_name(f"{path.stem}.partial.npy")
+    for suffix in _KEPT_SUFFIXES:
+        stem = path.name.removesuffix(suffix)
+        if stem != path.name and stem:
+            return path.with_name(f"{stem}.partial{suffix}")
     return path.with_name(path.name + ".partial")
 
 
@@ -48,6 +55,22 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_save(path: str | os.PathLike, save: Callable[[Path], Any]) -> Path:
+    """`atomic_write` for writers that take a file name, not a handle (Keras `save_weights`):
+    `save(partial)` writes the partial name, which is then synced and renamed into place."""
+    path = Path(path)
+    tmp = partial_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        save(tmp)
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
