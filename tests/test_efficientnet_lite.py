@@ -14,9 +14,10 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from dogscats import efficientnet_lite as lite  # noqa: E402
+from dogscats.backbones import efficientnet_lite as lite  # noqa: E402
+from dogscats.backbones import efficientnet_lite_weights as lite_weights  # noqa: E402
 from dogscats.backbones import get_backbone  # noqa: E402
-from dogscats.torch_checkpoint import load_legacy_checkpoint  # noqa: E402
+from dogscats.backbones.torch_checkpoint import load_legacy_checkpoint  # noqa: E402
 
 REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "reference"
 BUILDERS = {0: lite.EfficientNetLite0, 1: lite.EfficientNetLite1, 2: lite.EfficientNetLite2}
@@ -58,7 +59,7 @@ def imagenet_model(keras_home):
 
 @pytest.fixture(scope="module")
 def lite0_state():
-    return load_legacy_checkpoint(lite.checkpoint_path(0))
+    return load_legacy_checkpoint(lite_weights.checkpoint_path(0))
 
 
 def _images(variant: int, count: int = 2) -> np.ndarray:
@@ -129,7 +130,7 @@ def test_matches_reference_outputs(imagenet_model, variant):
 
 
 def test_imagenet_classifier_is_the_models_head(imagenet_model):
-    kernel, bias = lite.imagenet_classifier(0)
+    kernel, bias = lite_weights.imagenet_classifier(0)
     assert kernel.shape == (1280, 1000) and bias.shape == (1000,)
     assert kernel.dtype == np.float32 and kernel.flags.c_contiguous
     dense_kernel, dense_bias = imagenet_model(0).get_layer("predictions").get_weights()
@@ -142,7 +143,7 @@ def test_headless_pooled_build_converts_once_then_uses_cache(
 ):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     cached = tmp_path / "models" / "efficientnet-lite0-57934424_keras1_notop.weights.h5"
-    assert lite.cached_weights_path(0, include_top=False) == cached
+    assert lite_weights.cached_weights_path(0, include_top=False) == cached
 
     first = lite.EfficientNetLite0(include_top=False, pooling="avg")
     assert cached.is_file()
@@ -152,7 +153,7 @@ def test_headless_pooled_build_converts_once_then_uses_cache(
     def no_conversion(path):
         raise AssertionError("the checkpoint was read again despite the cache")
 
-    monkeypatch.setattr(lite, "load_legacy_checkpoint", no_conversion)
+    monkeypatch.setattr(lite_weights, "load_legacy_checkpoint", no_conversion)
     second = lite.EfficientNetLite0(include_top=False, pooling="avg")
     assert cached.stat().st_mtime_ns == stamp
 
@@ -210,7 +211,11 @@ def test_invalid_arguments(kwargs, message):
 
 def test_checkpoint_path_rejects_unknown_variant():
     with pytest.raises(ValueError, match="Received: variant=3"):
-        lite.checkpoint_path(3)
+        lite_weights.checkpoint_path(3)
+
+
+def test_every_architecture_variant_has_a_checkpoint():
+    assert tuple(sorted(lite._VARIANTS)) == lite_weights.CHECKPOINT_VARIANTS
 
 
 def test_preprocess_input_numpy_and_tensor():
@@ -236,23 +241,27 @@ def random_lite0():
 def test_key_without_layer_is_an_error(random_lite0, lite0_state):
     state = dict(lite0_state, **{"_blocks.16._bn1.weight": np.zeros(320, np.float32)})
     before = random_lite0.get_layer("stem_conv").get_weights()[0].copy()
-    with pytest.raises(lite.CheckpointMismatchError, match=r"without a layer.*_blocks\.16\."):
-        lite.load_torch_state(random_lite0, state)
+    with pytest.raises(
+        lite_weights.CheckpointMismatchError, match=r"without a layer.*_blocks\.16\."
+    ):
+        lite_weights.load_torch_state(random_lite0, state)
     # Nothing is assigned when the pairing fails.
     np.testing.assert_array_equal(random_lite0.get_layer("stem_conv").get_weights()[0], before)
 
 
 def test_layer_without_weights_is_an_error(random_lite0, lite0_state):
     state = {k: v for k, v in lite0_state.items() if not k.startswith("_blocks.3._bn1.")}
-    with pytest.raises(lite.CheckpointMismatchError, match=r"layer block03_bn has no checkpoint"):
-        lite.load_torch_state(random_lite0, state)
+    with pytest.raises(
+        lite_weights.CheckpointMismatchError, match=r"layer block03_bn has no checkpoint"
+    ):
+        lite_weights.load_torch_state(random_lite0, state)
 
 
 def test_headless_model_rejects_classifier_unless_ignored(lite0_state):
     model = lite.EfficientNetLite0(weights=None, include_top=False, input_shape=(32, 32, 3))
-    with pytest.raises(lite.CheckpointMismatchError, match=r"_fc\.weight"):
-        lite.load_torch_state(model, lite0_state)
-    lite.load_torch_state(model, lite0_state, ignore_prefixes=("_fc.",))
+    with pytest.raises(lite_weights.CheckpointMismatchError, match=r"_fc\.weight"):
+        lite_weights.load_torch_state(model, lite0_state)
+    lite_weights.load_torch_state(model, lite0_state, ignore_prefixes=("_fc.",))
     np.testing.assert_array_equal(
         model.get_layer("block00_dwconv").get_weights()[0],
         lite0_state["_blocks.0._depthwise_conv.weight"].transpose(2, 3, 0, 1),

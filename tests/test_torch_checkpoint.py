@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dogscats.torch_checkpoint import (
+from dogscats.backbones.torch_checkpoint import (
     LEGACY_MAGIC,
     LEGACY_PROTOCOL,
     CheckpointFormatError,

@@ -19,13 +19,20 @@ from typing import IO, Any
 SPLITS = ("train", "test")
 
 
+# Suffixes that stay last in a partial name: NumPy appends `.npy` to any other name, and Keras
+# refuses to save under any other name.
+_KEPT_SUFFIXES = (".npy", ".weights.h5", ".keras")
+
+
 def partial_path(path: str | os.PathLike) -> Path:
     """Where `path` is written until it is complete: `name.partial` in the same folder
-    (a rename within one folder is atomic). For a `.npy` the suffix stays last, so NumPy
-    opens it: `train.partial.npy`."""
+    (a rename within one folder is atomic). For a `.npy`, `.weights.h5` or `.keras` the suffix
+    stays last, so NumPy and Keras accept it: `train.partial.npy`."""
     path = Path(path)
-    if path.suffix == ".npy":
-        return path.with_name(f"{path.stem}.partial.npy")
+    for suffix in _KEPT_SUFFIXES:
+        stem = path.name.removesuffix(suffix)
+        if stem != path.name and stem:
+            return path.with_name(f"{stem}.partial{suffix}")
     return path.with_name(path.name + ".partial")
 
 
@@ -34,25 +41,34 @@ def fsync_file(path: str | os.PathLike) -> None:
         os.fsync(handle.fileno())
 
 
+def atomic_save(path: str | os.PathLike, save: Callable[[Path], Any]) -> Path:
+    """`atomic_write` for writers that take a file name, not a handle (Keras `save_weights`):
+    `save(partial)` writes the partial name, which is then synced and renamed into place."""
+    path = Path(path)
+    tmp = partial_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        save(tmp)
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
     """Write `path` through `write(handle)` on its partial name, fsync, rename into place.
 
     On any error (a full disk included) the partial file is removed and the error propagates:
     the final name either holds the complete old content or the complete new one.
     """
-    path = Path(path)
-    tmp = partial_path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with open(tmp, "wb") as handle:
+
+    def save(partial: Path) -> None:
+        with open(partial, "wb") as handle:
             write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+
+    return atomic_save(path, save)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

