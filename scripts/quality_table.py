@@ -11,9 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dogscats import config, heads, submission
+from dogscats import config, submission, train
 from dogscats.backbones import offline_backbones
-from dogscats.features import feature_path
 
 
 def quiet(*_: object) -> None:
@@ -21,11 +20,11 @@ def quiet(*_: object) -> None:
 
 
 def evaluate(data_dir: Path, names: list[str], head: str, tta: str, folds: int) -> dict:
-    files = [feature_path(data_dir, n, tta="flip") for n in names]
-    run = "+".join(names) + f"__{head}" + ("__flip" if tta == "flip" else "")
-    run_dir = config.dataset_dir(data_dir) / "models" / "quality" / run
+    files = [config.feature_path(data_dir, n, tta="flip") for n in names]
+    run = config.head_run_name(names, head, tta=tta)
+    run_dir = config.models_dir(data_dir) / "quality" / run
     csv = config.submissions_dir(data_dir) / "quality" / f"{run}.csv"
-    heads.train(files, run_dir, head=head, tta=tta, n_folds=folds, log=quiet)
+    train.train(files, run_dir, head=head, tta=tta, n_folds=folds, log=quiet)
     cv = submission.write_submission(run_dir, data_dir / "sample_submission.csv", csv, log=quiet)
     test = submission.score(csv, data_dir / "test_labels.csv")
     return {"cv": cv, "test": test}
