@@ -47,19 +47,25 @@ def expected_attrs(
     }
 
 
+def stored_attrs(path: Path, names) -> dict[str, object] | None:
+    """The named attributes of a feature file (partial or final) as plain Python values, or
+    None when it is missing or cut short before its header was written."""
+    try:
+        with h5py.File(path, "r") as handle:
+            return {name: _plain(handle.attrs.get(name)) for name in names}
+    except OSError:
+        return None
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, bytes):
+        return value.decode()
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def is_up_to_date(path: Path, wanted: dict[str, object]) -> bool:
-    if not path.is_file():
-        return False
-    with h5py.File(path, "r") as handle:
-        return all(_attr_equal(handle.attrs.get(k), v) for k, v in wanted.items())
-
-
-def _attr_equal(stored: object, wanted: object) -> bool:
-    if isinstance(stored, bytes):
-        stored = stored.decode()
-    if isinstance(stored, np.generic):
-        stored = stored.item()
-    return stored == wanted
+    """A complete feature file made with these settings (its attributes say which)."""
+    return path.is_file() and not store.changed_settings(stored_attrs(path, wanted), wanted)
 
 
 def extract(
@@ -216,14 +222,8 @@ class _RowReader:
 
 def _open_partial(partial: Path, wanted: dict[str, object]) -> Path:
     """Keep a partial file written with the same settings (resume); otherwise start afresh."""
-    if partial.exists():
-        try:
-            with h5py.File(partial, "r") as handle:
-                same = all(_attr_equal(handle.attrs.get(k), v) for k, v in wanted.items())
-        except OSError:  # a file cut short before its header was written
-            same = False
-        if not same:
-            partial.unlink()
+    if partial.exists() and store.changed_settings(stored_attrs(partial, wanted), wanted):
+        partial.unlink()
     partial.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(partial, "a") as handle:
         handle.attrs.update(wanted)
