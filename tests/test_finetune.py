@@ -1,12 +1,16 @@
-"""Fine-tuning: block cuts per backbone, start from the head, frozen bottom, cut cache, resume.
+"""The fine-tuning stage end to end: start from the head, cut cache, resume, up-to-date.
 
-Random-weight backbones at small sizes on a few synthetic images, 2 folds, 1-2 epochs.
+A random-weight backbone at a small size on a few synthetic images, 2 folds, 1-2 epochs.
+(The network's parts: test_finetune_model.py.)
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import h5py
 import joblib
@@ -17,8 +21,9 @@ import pytest
 import tensorflow as tf
 from conftest import write_kaggle_dataset
 
-from dogscats import arrays, finetune, heads
+from dogscats import arrays, config, finetune, train
 from dogscats.backbones import build_backbone, get_backbone
+from dogscats.finetune import cache, callbacks, head_run, model, stage
 
 try:  # two shared cores: keep TensorFlow from spreading wider
     tf.config.threading.set_intra_op_parallelism_threads(2)
@@ -28,66 +33,6 @@ except RuntimeError:  # TensorFlow already started by another test module
 
 SIZE = 64
 BACKBONE = "resnet50"  # random weights with healthy activations (random Lite's vanish)
-
-
-# ----------------------------------------------------------------------------------------------
-# Block cuts
-# ----------------------------------------------------------------------------------------------
-
-# backbone: {blocks: (layer feeding the cut, or the cut itself; a first layer of the top)}
-CUTS = {
-    "resnet50": {1: ("conv5_block2_out", "conv5_block3_1_conv"), 2: ("conv5_block1_out", None)},
-    "inception_v3": {1: ("mixed9", None), 2: ("mixed8", None)},
-    "xception": {1: ("block13_pool", "block14_sepconv1"), 2: ("block12_sepconv3_bn", None)},
-    "efficientnet_lite0": {1: ("block14_out", "block15_expand_conv"), 2: ("block13_out", None)},
-}
-
-
-@pytest.mark.parametrize("name", sorted(CUTS))
-def test_block_cut_gives_a_trainable_top_that_completes_the_network(name):
-    spec = get_backbone(name)
-    net = build_backbone(name, weights="random", input_size=spec.min_size, pooling=None)
-    x = np.random.default_rng(0).uniform(-1, 1, (1, spec.min_size, spec.min_size, 3))
-    full = np.asarray(net(x.astype("float32"), training=False))
-    for blocks, (marker, first) in CUTS[name].items():
-        cut = finetune.cut_backbone(net, spec, blocks)
-        end = net.get_layer(cut.layer)
-        # The cut is the registry's layer itself, or the unnamed Add it alone feeds (Xception).
-        assert cut.layer == marker or (
-            isinstance(end, keras.layers.Add)
-            and marker in [t._keras_history.operation.name for t in end.input]
-        )
-        if first:
-            assert first in cut.first_layers
-        top_names = {layer.name for layer in cut.top.layers[1:]}
-        assert top_names.isdisjoint(layer.name for layer in cut.bottom.layers)
-        assert cut.top.trainable_weights and not cut.bottom.trainable_weights
-        maps = cut.bottom(x.astype("float32"), training=False)
-        np.testing.assert_allclose(cut.top(maps, training=False), full, rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="BLOCKS must be between 1 and"):
-        finetune.cut_backbone(net, spec, len(spec.blocks))
-
-
-def test_bottom_stays_frozen_and_batchnorm_in_inference_mode():
-    """augment="full": the whole network is in the model; only the top's weights may move."""
-    spec = get_backbone("efficientnet_lite0")
-    net = build_backbone("efficientnet_lite0", weights="random", input_size=32, pooling=None)
-    cut = finetune.cut_backbone(net, spec, 1)
-    ft = finetune.build_model(cut, "efficientnet_lite0", "full", (32, 32, 3), dropout=0.0)
-    finetune.compile_model(ft.model, 1e-2, steps=2, epochs=1)
-    bottom, top = cut.bottom.get_weights(), cut.top.get_weights()
-    rng = np.random.default_rng(0)
-    x = rng.uniform(0, 255, (8, 1, 32, 32, 3)).astype("float32")
-    ft.model.fit(x, rng.integers(0, 2, (8, 1)).astype("float32"), batch_size=4, verbose=0)
-    for before, after in zip(bottom, cut.bottom.get_weights()):
-        np.testing.assert_array_equal(before, after)
-    moved = [not np.array_equal(b, a) for b, a in zip(top, cut.top.get_weights())]
-    assert any(moved)
-    for layer in cut.top.layers:  # moving statistics untouched: BatchNorm never saw a batch
-        if isinstance(layer, keras.layers.BatchNormalization):
-            mean, var = layer.moving_mean, layer.moving_variance
-            np.testing.assert_array_equal(np.asarray(mean), np.zeros(mean.shape))
-            np.testing.assert_array_equal(np.asarray(var), np.ones(var.shape))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,7 +71,7 @@ def tiny(tmp_path_factory):
             group["ids"] = index["id"].astype(str).to_numpy().astype("S")
             group["labels"] = index["label"].to_numpy().astype("int8")
     head_run = root / "head"
-    heads.train([feature_file], head_run, head="logreg", tta="flip", n_folds=2, seed=0, log=len)
+    train.train([feature_file], head_run, head="logreg", tta="flip", n_folds=2, seed=0, log=len)
     return {
         "data_dir": data_dir,
         "arrays_dir": arrays_dir,
@@ -161,18 +106,18 @@ def finished(tiny):
     """Interrupted in fold 1 after its first epoch, then run again to the end."""
     out = tiny["root"] / "run"
     first, second = [], []
-    original = finetune.fold_callbacks
+    original = callbacks.fold_callbacks
 
     def interrupting(fold_dir, *args, **kwargs):
         extra = [InterruptAt()] if fold_dir.name == "fold_1" else []
         return original(fold_dir, *args, **kwargs) + extra
 
-    finetune.fold_callbacks = interrupting
+    callbacks.fold_callbacks = interrupting
     try:
         with pytest.raises(Interrupted):
             run(tiny, out, first.append)
     finally:
-        finetune.fold_callbacks = original
+        callbacks.fold_callbacks = original
     work = out.with_name(out.name + ".work")
     state = {
         "fold_0_done": (work / "fold_0.joblib").is_file(),
@@ -218,7 +163,7 @@ def test_starts_from_the_head_and_writes_the_heads_run_format(finished, tiny):
 def test_cut_cache_equals_the_networks_activations_at_the_cut(finished, tiny):
     spec = get_backbone(BACKBONE)
     net = build_backbone(BACKBONE, weights=tiny["weights"], input_size=SIZE, pooling=None)
-    cut = finetune.cut_backbone(net, spec, 1)
+    cut = model.cut_backbone(net, spec, 1)
     (folder,) = tiny["cache_dir"].iterdir()
     cached = np.load(folder / "train.npy")
     images, _ = arrays.load_split(tiny["arrays_dir"], "train")
@@ -229,26 +174,28 @@ def test_cut_cache_equals_the_networks_activations_at_the_cut(finished, tiny):
         np.testing.assert_allclose(cached[:, view], expected, rtol=2e-3, atol=2e-3)
 
 
-def test_a_second_run_is_up_to_date_and_marks_the_run_fresh_for_make(finished, tiny):
+def test_a_second_run_is_up_to_date_and_leaves_the_run_alone(finished, tiny):
     metrics = finished["out"] / "metrics.json"
-    inputs = [tiny["head_run"] / "metrics.json", tiny["arrays_dir"] / "manifest.json"]
-    newest_input = max(path.stat().st_mtime_ns for path in inputs)
-    os.utime(metrics, ns=(newest_input, newest_input))  # older than finetune.py, say
+    before = metrics.stat().st_mtime_ns
     log = []
     assert run(tiny, finished["out"], log.append) == finished["out"]
     assert log == [f"{finished['out']} is up to date: nothing to redo."]
-    assert metrics.stat().st_mtime_ns > newest_input  # so make stops asking
+    assert metrics.stat().st_mtime_ns == before  # make follows the version file, not a touch
 
 
-def test_a_new_method_version_redoes_a_finished_run(finished, tiny, monkeypatch):
+def test_a_new_method_version_redoes_a_finished_run(finished, tiny, monkeypatch, tmp_path):
     stored = json.loads((finished["out"] / "metrics.json").read_text())["settings"]
-    assert stored["method_version"] == finetune.METHOD_VERSION
-    monkeypatch.setattr(finetune, "METHOD_VERSION", finetune.METHOD_VERSION + 1)
-    monkeypatch.setattr(finetune, "open_work", Stop.raise_it)  # stop before any training
+    assert stored["method_version"] == config.method_version("finetune")
+    bumped = tmp_path / "finetune.txt"  # a copy of the version file, one higher
+    bumped.write_text(f"{config.method_version('finetune') + 1}\n")
+    monkeypatch.setattr(config, "method_version_file", lambda stage: bumped)
+    monkeypatch.setattr(stage, "open_work", Stop.raise_it)  # stop before any training
     log = []
     with pytest.raises(Stop):
         run(tiny, finished["out"], log.append)
-    assert log == [f"{finished['out']} is out of date (the settings changed): fine-tuning again."]
+    assert log == [
+        f"{finished['out']} is out of date (settings changed: method_version): redoing it."
+    ]
 
 
 class Stop(Exception):
@@ -273,8 +220,8 @@ class ScoresPoorly:
 def test_a_fold_that_beats_the_head_keeps_its_fine_tuned_predictions(finished, tiny, monkeypatch):
     """With a score of about 3.45 to beat on the early-stopping rows, the model before any
     step (learning rate 0) beats it at once: the fine-tuned folds are kept."""
-    real_refit = finetune.HeadRun.refit
-    monkeypatch.setattr(finetune.HeadRun, "refit", lambda *args: ScoresPoorly(real_refit(*args)))
+    real_refit = head_run.HeadRun.refit
+    monkeypatch.setattr(head_run.HeadRun, "refit", lambda *args: ScoresPoorly(real_refit(*args)))
     log = []
     out = run(tiny, tiny["root"] / "beats", log.append, epochs=1, learning_rate=0.0)
     metrics = json.loads((out / "metrics.json").read_text())
@@ -299,38 +246,53 @@ def test_full_augmentation_starts_from_the_head_through_the_whole_network(finish
     assert len(pd.read_csv(out / "oof.csv")) == 16
 
 
-def test_early_stopping_rows_are_a_stratified_share_of_the_training_rows():
-    y = np.array([0] * 60 + [1] * 40)
-    folds = np.arange(100) % 5
-    train_rows = np.flatnonzero(folds != 0)  # 80 rows: 48 cats, 32 dogs
-    fit, stop = finetune.early_stopping_split(train_rows, y, 0.15, seed=7)
-    assert len(stop) == 12 and y[stop].sum() == round(12 * 32 / 80)
-    assert np.array_equal(np.sort(np.concatenate([fit, stop])), train_rows)
-    assert not set(stop) & set(np.flatnonzero(folds == 0))  # the scored fold is never used
-    again = finetune.early_stopping_split(train_rows, y, 0.15, seed=7)
-    assert all(np.array_equal(a, b) for a, b in zip((fit, stop), again, strict=True))
-    tiny = finetune.early_stopping_split(np.arange(6), np.array([0, 0, 0, 1, 1, 1]), 0.15, 1)
-    assert sorted(np.array([0, 0, 0, 1, 1, 1])[tiny[1]]) == [0, 1]  # both classes, even here
-
-
 def test_caches_of_an_earlier_version_of_the_arrays_are_removed(tmp_path):
     arrays_dir, root = tmp_path / "arrays", tmp_path / "cut_cache"
 
-    def cache(name: str, arrays_path, fingerprint: str):
+    def make_cache(name: str, arrays_path, fingerprint: str):
         folder = root / name
         folder.mkdir(parents=True)
         source = {"arrays": str(arrays_path.resolve()), "fingerprint": fingerprint}
-        (folder / finetune.CACHE_SOURCE).write_text(json.dumps(source))
+        (folder / cache.CACHE_SOURCE).write_text(json.dumps(source))
         return folder
 
-    stale = cache("lite0__block13_out__a", arrays_dir, "old")
-    current = cache("lite0__block14_out__b", arrays_dir, "new")
-    other_arrays = cache("lite0__block13_out__c", tmp_path / "other", "old")
+    stale = make_cache("lite0__block13_out__a", arrays_dir, "old")
+    current = make_cache("lite0__block14_out__b", arrays_dir, "new")
+    other_arrays = make_cache("lite0__block13_out__c", tmp_path / "other", "old")
     unstamped = root / "lite0__block13_out__d"
     unstamped.mkdir()
     log = []
     source = {"arrays": str(arrays_dir.resolve()), "fingerprint": "new"}
-    finetune._drop_stale_caches(root, source, log.append)
+    cache.drop_stale_caches(root, source, log.append)
     assert not stale.exists() and current.exists() and other_arrays.exists()
     assert unstamped.exists()  # nothing says where it came from: left alone
     assert len(log) == 1 and str(stale) in log[0]
+
+
+def test_a_zeroshot_head_is_refused_with_the_heads_that_can_start(tiny, tmp_path):
+    """A zeroshot run keeps fold models too, but none is a dense layer to start from."""
+    zeroshot = tmp_path / "zeroshot"
+    shutil.copytree(tiny["head_run"], zeroshot)
+    metrics = json.loads((zeroshot / "metrics.json").read_text())
+    (zeroshot / "metrics.json").write_text(json.dumps({**metrics, "head": "zeroshot"}))
+    _, index = arrays.load_split(tiny["arrays_dir"], "train")
+    with pytest.raises(ValueError, match="needs FT_HEAD=logreg or FT_HEAD=keras"):
+        head_run.load_head_run(zeroshot, index)
+    with pytest.raises(FileNotFoundError, match="make train BACKBONES=<backbone> HEAD=logreg"):
+        head_run.load_head_run(tmp_path / "absent", index)
+
+
+def test_the_package_and_its_defaults_import_without_keras():
+    """The CLI and make may read the defaults without starting TensorFlow."""
+    code = (
+        "import sys\n"
+        "from dogscats import finetune\n"
+        "from dogscats.finetune import hparams\n"
+        "assert hparams.Hyperparameters().epochs == hparams.EPOCHS\n"
+        "print(sorted(m for m in ('keras', 'tensorflow') if m in sys.modules))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+    assert callable(finetune.finetune) and finetune.finetune is stage.finetune

@@ -1,0 +1,128 @@
+"""The cache of feature maps at the cut (augment="flip").
+
+The frozen bottom runs once per image and once per mirrored image; each epoch then feeds every
+image's plain or mirrored map to the trainable top. One folder per backbone, cut, weights,
+input size, image arrays and dtype, holding {split}.npy of shape (N, 2 views, h, w, c).
+Each split is filled through features.run_forward under its partial name, and resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from dogscats import arrays, store
+from dogscats.backbones import BackboneSpec
+from dogscats.features import make_forward, run_forward
+from dogscats.finetune.hparams import Log
+from dogscats.finetune.model import Cut
+
+CACHE_FORMAT = 1  # bump when the cache layout changes
+CACHE_SOURCE = "source.json"  # in each cache folder: the arrays it was made from
+
+
+def cache_folder(root: Path, backbone: str, cut: str, settings: dict) -> Path:
+    """One folder per backbone, cut, weights, input size, image arrays and dtype."""
+    key = store.digest(
+        CACHE_FORMAT,
+        backbone,
+        cut,
+        settings["weights"],
+        settings["input_size"],
+        settings["fingerprint"],
+        settings["cache_dtype"],
+    )
+    return Path(root) / f"{backbone}__{cut}__{key[:12]}"
+
+
+def build_cache(
+    folder: Path,
+    cut: Cut,
+    spec: BackboneSpec,
+    arrays_dir: Path,
+    batch_size: int,
+    dtype: str,
+    progress: bool,
+    log: Log,
+) -> dict[str, np.ndarray]:
+    """Maps at the cut of every image, plain and mirrored: {split: (N, 2, h, w, c) memmap}."""
+    source = {
+        "arrays": str(Path(arrays_dir).resolve()),
+        "fingerprint": arrays.read_manifest(arrays_dir)["fingerprint"],
+    }
+    drop_stale_caches(folder.parent, source, log)
+    folder.mkdir(parents=True, exist_ok=True)
+    store.write_json(folder / CACHE_SOURCE, source)
+    forward = None
+    maps = {}
+    for split in store.SPLITS:
+        path = folder / f"{split}.npy"
+        if not path.is_file():
+            images, _ = arrays.load_split(arrays_dir, split)
+            if forward is None:  # the bottom runs at the arrays' size, whatever the registry's
+                sized = dataclasses.replace(spec, input_size=int(images.shape[1]))
+                forward = make_forward(cut.bottom, sized, batch_size, flip=True)
+            log(f"Caching {split} maps at {cut.layer} in {path}")
+            _fill_split(path, images, forward, batch_size, dtype, progress)
+        maps[split] = np.load(path, mmap_mode="r")
+    return maps
+
+
+def drop_stale_caches(root: Path, source: dict, log: Log) -> None:
+    """Remove caches made from an earlier version of the arrays in `source`: they can never be
+    used again, and on the full data set each one takes several GB."""
+    for stamp in root.glob(f"*/{CACHE_SOURCE}"):
+        made_from = store.read_json(stamp)
+        if made_from is None:
+            continue
+        same_arrays = made_from.get("arrays") == source["arrays"]
+        if same_arrays and made_from.get("fingerprint") != source["fingerprint"]:
+            log(f"Removing {stamp.parent}: made from an earlier version of {source['arrays']}")
+            shutil.rmtree(stamp.parent)
+
+
+def _fill_split(path: Path, images, forward, batch_size: int, dtype: str, progress: bool) -> None:
+    """Write one split under its partial name, batch by batch; rename when complete.
+
+    The rows done are recorded after each flushed batch, so an interrupted run continues.
+    """
+    partial = store.partial_path(path)
+    state = partial.with_suffix(".json")  # the resume point: {"rows_done": n}
+    map_shape = tuple(forward.get_concrete_function().structured_outputs[0].shape[1:])
+    shape = (len(images), 2, *map_shape)
+    done = _rows_done(partial, state, shape, dtype)
+    mode = "r+" if done else "w+"
+    maps = np.lib.format.open_memmap(partial, mode=mode, dtype=dtype, shape=shape)
+    _write_rows(maps, state, images, forward, batch_size, done, path.stem, progress)
+    store.move_into_place(partial, path)
+    store.remove(state)
+
+
+def _write_rows(maps, state, images, forward, batch_size, done, desc, progress) -> None:
+    """Run the bottom over rows done.. into `maps`, recording each batch in `state`."""
+
+    def write(first: int, outputs: list[np.ndarray]) -> None:
+        plain, mirrored = outputs
+        maps[first : first + len(plain), 0] = plain
+        maps[first : first + len(plain), 1] = mirrored
+        maps.flush()  # the rows first, then the count that says they are there
+        store.write_json(state, {"rows_done": first + len(plain)})
+
+    run_forward(images, forward, batch_size, write, start=done, desc=desc, progress=progress)
+
+
+def _rows_done(partial: Path, state: Path, shape: tuple, dtype: str) -> int:
+    """Rows already in a partial cache file of the same shape, else 0 (start afresh)."""
+    recorded = store.read_json(state)
+    if recorded is None:
+        return 0
+    try:
+        existing = np.load(partial, mmap_mode="r")
+    except (OSError, ValueError):
+        return 0
+    if existing.shape != shape or existing.dtype != np.dtype(dtype):
+        return 0
+    return int(recorded.get("rows_done", 0))
