@@ -86,7 +86,7 @@ def test_finetune_hyperparameters_name_the_run_and_reach_the_cli(monkeypatch):
     assert cli.main([*argv, "--learning-rate", "1e-4", "--dropout", "0.3", "--seed", "7"]) == 0
     (kwargs,) = calls
     assert kwargs["learning_rate"] == 1e-4 and kwargs["dropout"] == 0.3 and kwargs["seed"] == 7
-    assert not {"epochs", "batch_size", "patience"} & kwargs.keys()  # finetune.py's defaults
+    assert not {"epochs", "batch_size", "patience"} & kwargs.keys()  # the stage's defaults
 
 
 @pytest.fixture

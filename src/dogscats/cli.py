@@ -171,7 +171,7 @@ def train_cmd(args):
     )
 
 
-# Flags left out keep finetune.py's defaults, which this module cannot import cheaply (Keras).
+# Flags left out keep the defaults of finetune/hparams.py (the stage's keyword defaults).
 FINETUNE_HYPERPARAMETERS = {
     "--epochs": (int, "most epochs per fold"),
     "--learning-rate": (float, "peak Adam learning rate"),
@@ -195,7 +195,7 @@ def _finetune_args(p):
     p.add_argument("--seed", type=int, default=config.SEED)
     p.add_argument("--out", required=True, help="run folder to write")
     for flag, (kind, what) in FINETUNE_HYPERPARAMETERS.items():
-        p.add_argument(flag, type=kind, default=None, help=f"{what} (default: finetune.py's)")
+        p.add_argument(flag, type=kind, default=None, help=f"{what} (default in finetune/hparams)")
 
 
 @command("finetune", "fine-tune a backbone's top blocks, fold by fold")(_finetune_args)
