@@ -12,9 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dogscats import arrays
-from dogscats.arrays import BadInputError, load_split, preprocess, read_manifest
-from dogscats.data import load_image
+from dogscats.arrays import BadInputError, load_split, preprocess, read_manifest, workers
+from dogscats.arrays.decode import load_image
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 EDGE_CASES = SHARED / "data" / "edge-cases"
@@ -107,20 +106,21 @@ def test_bad_train_files_are_left_out_and_reported(dataset, tmp_path):
     assert not [name for name in names_in(out) if "partial" in name or "compact" in name]
 
 
-def test_rows_go_out_in_runs_split_by_bad_files(dataset, tmp_path, monkeypatch):
+def test_each_row_goes_out_with_one_pwrite_at_its_offset(dataset, tmp_path, monkeypatch):
     (dataset / "train" / "cat.2.jpg").write_bytes(b"")
-    monkeypatch.setattr(arrays, "WRITE_BYTES", 3 * SIZE * SIZE * 3)  # runs of up to 3 rows
+    row_bytes = SIZE * SIZE * 3
     writes = []
 
     def counting_pwrite(fd, data, offset):
-        writes.append(len(data) // (SIZE * SIZE * 3))
+        writes.append((len(data), offset))
         return os.pwrite(fd, data, offset)
 
-    monkeypatch.setattr(arrays, "_pwrite_all", counting_pwrite)
+    monkeypatch.setattr(workers, "_pwrite_all", counting_pwrite)
     out = tmp_path / "arrays"
     preprocess(dataset, SIZE, out_dir=out, workers=1, progress=False)
-    # test: rows 0-3 -> 3 + 1; train: cat.0 cat.1 | bad cat.2 | cat.3 cat.4 dog.0 | dog.1-3 | dog.4
-    assert writes == [3, 1, 2, 3, 3, 1]
+    header = np.load(out / "test.npy", mmap_mode="r").offset  # header length, the same in both
+    rows = [*range(4), *(row for row in range(10) if row != 2)]  # test; train without cat.2
+    assert writes == [(row_bytes, header + row * row_bytes) for row in rows]
     index = assert_rows_match_files(out, dataset, "train")
     assert "cat.2" not in set(index["id"])
 
@@ -152,16 +152,16 @@ class Interrupt:
 
 def test_resume_after_interruption_redoes_only_missing_rows(dataset, tmp_path, monkeypatch):
     out = tmp_path / "arrays"
-    monkeypatch.setattr(arrays, "ROWS_PER_TASK", 3)
+    monkeypatch.setattr(workers, "ROWS_PER_TASK", 3)
     # test (4 rows) runs first and finishes; train is cut on its 8th file, after 2 tasks.
-    monkeypatch.setattr(arrays, "load_image", Interrupt(at=4 + 8))
+    monkeypatch.setattr(workers, "load_image", Interrupt(at=4 + 8))
     with pytest.raises(KeyboardInterrupt):
         preprocess(dataset, SIZE, out_dir=out, workers=1, progress=False)
     assert {"train.partial.npy", "train.partial.state.npz", "test.npy"} <= names_in(out)
     assert "train.npy" not in names_in(out) and "manifest.json" not in names_in(out)
 
     resumed = Interrupt(at=None)
-    monkeypatch.setattr(arrays, "load_image", resumed)
+    monkeypatch.setattr(workers, "load_image", resumed)
     manifest = preprocess(dataset, SIZE, out_dir=out, workers=1, progress=False)
     assert [p.parent.name for p in resumed.calls] == ["train"] * 4  # 10 - 2 tasks of 3
     assert manifest["counts"] == {"train": 10, "test": 4}
@@ -176,12 +176,12 @@ def test_worker_failure_leaves_no_final_files_and_rerun_completes(dataset, tmp_p
         return load_image(path, size, out)
 
     out = tmp_path / "arrays"
-    monkeypatch.setattr(arrays, "ROWS_PER_TASK", 2)
-    monkeypatch.setattr(arrays, "load_image", fail_on_dog_2)
+    monkeypatch.setattr(workers, "ROWS_PER_TASK", 2)
+    monkeypatch.setattr(workers, "load_image", fail_on_dog_2)
     with pytest.raises(RuntimeError, match="simulated"):
         preprocess(dataset, SIZE, out_dir=out, workers=2, progress=False)
     assert not names_in(out) & (FINAL_FILES - {"test.npy", "test_index.csv"})
-    monkeypatch.setattr(arrays, "load_image", load_image)
+    monkeypatch.setattr(workers, "load_image", load_image)
     preprocess(dataset, SIZE, out_dir=out, workers=2, progress=False)
     assert_rows_match_files(out, dataset, "train")
 
@@ -190,7 +190,7 @@ def test_up_to_date_rerun_is_a_no_op_until_a_source_changes(dataset, tmp_path, m
     out = tmp_path / "arrays"
     first = preprocess(dataset, SIZE, out_dir=out, workers=1, progress=False)
     counter = Interrupt(at=None)
-    monkeypatch.setattr(arrays, "load_image", counter)
+    monkeypatch.setattr(workers, "load_image", counter)
     assert preprocess(dataset, SIZE, out_dir=out, workers=1, progress=False) == first
     assert counter.calls == []
 
@@ -269,7 +269,7 @@ def test_full_disk_fails_before_decoding_naming_the_array(dataset, tmp_path, mon
 
     monkeypatch.setattr(os, "posix_fallocate", no_space, raising=False)
     counter = Interrupt(at=None)
-    monkeypatch.setattr(arrays, "load_image", counter)
+    monkeypatch.setattr(workers, "load_image", counter)
     out = tmp_path / "arrays"
     with pytest.raises(OSError, match="no room for .* GB of image arrays") as info:
         preprocess(dataset, SIZE, out_dir=out, workers=1, progress=False)

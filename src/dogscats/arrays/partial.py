@@ -1,0 +1,178 @@
+"""A split's array while it is being filled, and how an interrupted run resumes it.
+
+{split}.partial.npy holds the rows written so far, in place; {split}.partial.state.npz (the
+layout key, a done-mask and the source stamps) says which rows are in. A re-run with the same
+layout keeps every done row whose source file is unchanged and decodes only the others.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dogscats.arrays.sources import Listing
+from dogscats.arrays.workers import Task, make_tasks
+from dogscats.store import atomic_write, fsync_file, partial_path, remove
+
+COPY_BLOCK_BYTES = 64 << 20  # compaction copies at most this much at a time
+# The array's size never changes once allocated: syncing its data is enough where possible.
+_fdatasync = getattr(os, "fdatasync", os.fsync)
+
+
+def final_array(out: Path, split: str) -> Path:
+    return out / f"{split}.npy"
+
+
+def state_path(out: Path, split: str) -> Path:
+    return out / f"{split}.partial.state.npz"
+
+
+@dataclass
+class SplitJob:
+    """A split being decoded: its partial array, which rows are in, and which files were bad."""
+
+    listing: Listing
+    size: int
+    path: Path  # the partial array
+    offset: int  # its header length: row r starts at offset + r * row_bytes
+    done: np.ndarray  # per row: decoded and written
+    bad: dict[int, str] = field(default_factory=dict)  # row -> why its file is unusable
+
+    @property
+    def todo(self) -> int:
+        """Rows neither written nor found bad: still out with the workers."""
+        return int(np.count_nonzero(~self.done)) - len(self.bad)
+
+    def tasks(self) -> list[Task]:
+        """Pool tasks for every row not done yet."""
+        files = self.listing.frame["file"].tolist()  # one conversion, not a lookup per row
+        rows = [(row, files[row]) for row in np.flatnonzero(~self.done).tolist()]
+        return make_tasks(str(self.path), self.offset, str(self.listing.folder), self.size, rows)
+
+    def record(self, results: list[tuple[int, str | None]]) -> None:
+        for row, reason in results:
+            if reason is None:
+                self.done[row] = True
+            else:
+                self.bad[row] = reason
+
+    def write_back(self) -> None:
+        """Push the rows written so far to disk while the workers go on decoding, so that the
+        fsync making the split durable waits for the last rows only, not the whole array."""
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            _fdatasync(fd)
+        finally:
+            os.close(fd)
+
+    def checkpoint(self) -> None:
+        """Make the written rows durable, then record them as done (in that order)."""
+        fsync_file(self.path)
+        layout = np.array(self.listing.layout_key(self.size))
+        stamps = self.listing.stamps
+        atomic_write(
+            state_path(self.path.parent, self.listing.split),
+            lambda handle: np.savez(handle, layout=layout, done=self.done, stamps=stamps),
+        )
+
+    def move_into_place(self, final: Path) -> None:
+        """Rename the finished array to `final`, copying only the done rows when some files
+        were bad. Called after the last checkpoint, which made every row durable."""
+        if self.done.all():
+            os.replace(self.path, final)
+            return
+        compacted = final.with_name(f"{self.listing.split}.compact.npy")
+        compact(self.path, compacted, self.done, self.size * self.size * 3)
+        os.replace(compacted, final)
+        remove(self.path)
+
+
+def open_job(out: Path, listing: Listing, size: int) -> SplitJob:
+    """The split's partial array (reused when its layout matches) with its done-mask."""
+    path = partial_path(final_array(out, listing.split))
+    state = state_path(out, listing.split)
+    shape = (len(listing.frame), size, size, 3)
+    done = _load_done_mask(path, state, listing, size, shape)
+    if done is None:
+        remove(path, state)
+        np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape).flush()
+        _reserve_blocks(path)
+        done = np.zeros(shape[0], dtype=bool)
+    else:
+        print(f"{listing.split}: resuming, {int(done.sum())} rows already decoded")
+    offset = np.load(path, mmap_mode="r").offset  # header length: rows start here
+    return SplitJob(listing, size, path, offset, done)
+
+
+def _load_done_mask(
+    path: Path, state: Path, listing: Listing, size: int, shape: tuple
+) -> np.ndarray | None:
+    """Rows of a previous partial run that are still valid, or None to start afresh."""
+    if not (path.is_file() and state.is_file()):
+        return None
+    try:
+        with np.load(state) as saved:
+            layout, done, stamps = str(saved["layout"]), saved["done"], saved["stamps"]
+        if layout != listing.layout_key(size) or np.load(path, mmap_mode="r").shape != shape:
+            return None
+    except (OSError, ValueError, KeyError):
+        return None  # a damaged checkpoint only costs a redo
+    # A row whose source file changed since it was decoded is redone.
+    return done & np.all(stamps == listing.stamps, axis=1)
+
+
+def _reserve_blocks(path: Path) -> None:
+    """Allocate the array's disk blocks before any row is written.
+
+    A full disk then fails at once, naming the file, not after minutes of decoding; and
+    writing into allocated blocks costs the workers less CPU than filling a sparse file.
+    Filesystems without fallocate skip it.
+    """
+    if not hasattr(os, "posix_fallocate"):  # macOS
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            size_gb = os.fstat(fd).st_size / 1e9
+            raise OSError(
+                errno.ENOSPC,
+                f"no room for {size_gb:.1f} GB of image arrays on the disk of {path}; free "
+                "some space, or preprocess fewer input sizes (SIZES=...)",
+            ) from None
+        # EOPNOTSUPP, EINVAL, ...: the filesystem fills holes as rows come in instead.
+    finally:
+        os.close(fd)
+
+
+def compact(source: Path, target: Path, keep: np.ndarray, row_bytes: int) -> None:
+    """Copy the kept rows of one .npy into a new .npy in bounded blocks (memory stays flat).
+
+    Plain file reads rather than two memmaps so resident memory never maps whole arrays.
+    """
+    shape = (int(keep.sum()), *np.load(source, mmap_mode="r").shape[1:])
+    np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=shape).flush()
+    src_offset = np.load(source, mmap_mode="r").offset
+    dst_offset = np.load(target, mmap_mode="r").offset
+    rows_per_block = max(1, COPY_BLOCK_BYTES // row_bytes)
+    with open(source, "rb") as src, open(target, "rb+") as dst:
+        dst.seek(dst_offset)
+        for start, stop in _runs(keep):
+            for block in range(start, stop, rows_per_block):
+                count = min(rows_per_block, stop - block)
+                src.seek(src_offset + block * row_bytes)
+                dst.write(src.read(count * row_bytes))
+        dst.flush()
+        os.fsync(dst.fileno())
+
+
+def _runs(mask: np.ndarray) -> Iterable[tuple[int, int]]:
+    """[start, stop) ranges of consecutive True values."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.astype(np.int8), [0]))))
+    return zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True)

@@ -1,0 +1,263 @@
+"""The images -> arrays stage: `preprocess` one input size, and read its outputs back.
+
+Out dir (config.arrays_dir(DATA_DIR, size)) after `preprocess`:
+  train.npy / test.npy            (N, size, size, 3) uint8 RGB
+  train_index.csv / test_index.csv  id,label,file of the rows, in array order
+  report.csv                      file,split,reason of every left-out train file
+  train_done.json / test_done.json  a finished split's source key (a re-run skips it)
+  manifest.json                   counts, size, fingerprint; written last, so its presence
+                                  means the whole set is complete
+While running, partial arrays and their done-masks (see partial.py) let an interrupted run
+resume without redoing finished rows.
+
+Memory stays flat: workers write each row straight into the preallocated file and the parent
+only keeps per-row flags. Both splits go through one stream of pool tasks, so finishing one
+split overlaps decoding the next. Every file is written under a partial name and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from dogscats import config
+from dogscats.arrays.partial import SplitJob, final_array, open_job, state_path
+from dogscats.arrays.sources import FORMAT_VERSION, Listing, list_split
+from dogscats.arrays.workers import Decoder
+from dogscats.data import BadInputError
+from dogscats.store import SPLITS, digest, read_json, remove, write_csv, write_json
+
+MANIFEST = "manifest.json"
+REPORT = "report.csv"
+CHECKPOINT_SECONDS = 10.0  # how often the done-masks of partial arrays are saved
+
+
+def _index_csv(out: Path, split: str) -> Path:
+    return out / f"{split}_index.csv"
+
+
+def _done_json(out: Path, split: str) -> Path:
+    return out / f"{split}_done.json"
+
+
+@dataclass
+class SplitResult:
+    count: int
+    bad: list[tuple[str, str]]  # (file, reason) of files that did not decode
+
+
+def _decode(jobs: list[SplitJob], decoder: Decoder, progress: bool) -> Iterator[SplitJob]:
+    """Decode the missing rows of all jobs in one stream of pool tasks, test's first.
+
+    Yields each job once its last row is in and made durable, so that finishing one split
+    overlaps decoding the next and the workers never idle between splits. Jobs are yielded in
+    their given order even when a later one is done first (workers race): a bad test file
+    then stops the run before train's outputs are written.
+    """
+    tasks = [task for job in jobs for task in job.tasks()]
+    pending = [job for job in jobs if job.todo]
+    yield from (job for job in jobs if not job.todo)  # every row decoded in an earlier run
+    if not pending:
+        return
+    by_path = {str(job.path): job for job in pending}
+    unyielded = list(pending)
+    task_results = decoder.run(tasks)  # before tqdm: fork while no monitor thread exists
+    bar = _progress_bar(pending, progress)
+    last_save = time.monotonic()
+    try:
+        for array, results in task_results:
+            job = by_path[array]
+            job.record(results)
+            job.write_back()
+            bar.update(len(results))
+            if not job.todo:
+                pending.remove(job)
+                job.checkpoint()
+                while unyielded and not unyielded[0].todo:
+                    yield unyielded.pop(0)
+            elif time.monotonic() - last_save > CHECKPOINT_SECONDS:
+                for job in pending:
+                    job.checkpoint()
+                last_save = time.monotonic()
+    finally:
+        bar.close()
+        for job in pending:  # also on interruption: the next run skips every row finished so far
+            job.checkpoint()
+
+
+def _progress_bar(jobs: list[SplitJob], progress: bool) -> tqdm:
+    names = "+".join(job.listing.split for job in jobs)
+    total = sum(job.todo for job in jobs)
+    desc = f"{names} {jobs[0].size}px"
+    return tqdm(total=total, desc=desc, unit="img", disable=not progress)
+
+
+def _finish_split(out: Path, job: SplitJob) -> SplitResult:
+    """Check the decoded split, move its array into place (compacted when rows were bad), write
+    its index and the stamp that lets a re-run skip it."""
+    listing, done = job.listing, job.done
+    names = listing.frame["file"]
+    bad = [(names.iat[row], reason) for row, reason in sorted(job.bad.items())]
+    if bad and listing.split == "test":
+        raise BadInputError(
+            f"{len(bad)} test image(s) in {listing.folder} cannot be used, and a submission "
+            "needs every test id. Replace or re-download them, then re-run (decoded rows are "
+            "kept):\n" + "\n".join(f"  {name}: {reason}" for name, reason in bad)
+        )
+    if not done.any():
+        raise BadInputError(f"no image in {listing.folder} could be decoded")
+    job.move_into_place(final_array(out, listing.split))
+    write_csv(_index_csv(out, listing.split), listing.frame.loc[done].reset_index(drop=True))
+    remove(state_path(out, listing.split))
+    result = SplitResult(int(done.sum()), bad)
+    key = listing.source_key(job.size)
+    write_json(_done_json(out, listing.split), {"key": key, "count": result.count, "bad": bad})
+    return result
+
+
+def _process_splits(
+    out: Path, listings: dict[str, Listing], size: int, decoder: Decoder, progress: bool
+) -> dict[str, SplitResult]:
+    """Decode every split not finished with the same sources; skip the others."""
+    results: dict[str, SplitResult] = {}
+    jobs = []
+    for split, listing in listings.items():
+        finished = _read_done(out, split, listing.source_key(size))
+        if finished is not None:
+            print(f"{split}: already done ({finished.count} images)")
+            results[split] = finished
+        else:
+            remove(_done_json(out, split))
+            jobs.append(open_job(out, listing, size))
+    for job in _decode(jobs, decoder, progress):
+        results[job.listing.split] = _finish_split(out, job)
+    return results
+
+
+def _read_done(out: Path, split: str, key: str) -> SplitResult | None:
+    """The stamp of a split finished with these same sources, if its outputs are in place."""
+    stamp = read_json(_done_json(out, split))
+    try:
+        rows = np.load(final_array(out, split), mmap_mode="r").shape[0]
+    except (OSError, ValueError):
+        return None
+    if stamp is None or stamp.get("key") != key or rows != stamp.get("count"):
+        return None
+    if not _index_csv(out, split).is_file():
+        return None
+    return SplitResult(stamp["count"], [tuple(item) for item in stamp["bad"]])
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+
+
+def preprocess(
+    data_dir: str | os.PathLike,
+    size: int,
+    out_dir: str | os.PathLike | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Decode and resize every train/test image of DATA_DIR to uint8 arrays; return the manifest.
+
+    Bad train files are left out and listed in report.csv; a bad test file raises
+    BadInputError naming every bad file. Returns at once when the manifest matches the sources.
+    """
+    data_dir = Path(os.path.abspath(os.fspath(data_dir)))
+    out = Path(out_dir) if out_dir is not None else config.arrays_dir(data_dir, size)
+    workers = workers or os.cpu_count() or 1
+    # test first: an unusable test file stops the run before the long train pass.
+    listings = {split: list_split(data_dir, split) for split in ("test", "train")}
+    sources = digest(*(listings[split].source_key(size) for split in SPLITS))
+    current = _up_to_date(out, sources)
+    if current is not None:
+        print(f"Arrays up to date: {out} ({_counts_text(current)})")
+        return current
+    out.mkdir(parents=True, exist_ok=True)
+    remove(out / MANIFEST)  # a stale manifest must never vouch for half-replaced arrays
+    with Decoder(workers) as decoder:
+        results = _process_splits(out, listings, size, decoder, progress)
+    report = _write_report(out, listings["train"].rejects, results["train"].bad)
+    manifest = {
+        "version": FORMAT_VERSION,
+        "size": size,
+        "data_dir": str(data_dir),
+        "counts": {split: results[split].count for split in SPLITS},
+        "reported": len(report),
+        "sources": sources,
+        "fingerprint": _fingerprint(out, sources, size),
+    }
+    write_json(out / MANIFEST, manifest)
+    print(f"Arrays written: {out} ({_counts_text(manifest)})")
+    return manifest
+
+
+def load_split(out_dir: str | os.PathLike, split: str) -> tuple[np.ndarray, pd.DataFrame]:
+    """The (N, S, S, 3) uint8 array of a split (read-only memmap) and its id,label,file index."""
+    out = Path(out_dir)
+    manifest = read_manifest(out)  # its presence means the arrays are complete
+    images = np.load(final_array(out, split), mmap_mode="r")
+    index = pd.read_csv(_index_csv(out, split), dtype={"id": str if split == "train" else "int64"})
+    if not len(images) == len(index) == manifest["counts"][split]:
+        raise ValueError(
+            f"{out}: {split}.npy has {len(images)} rows, {split}_index.csv {len(index)}, the "
+            f"manifest {manifest['counts'][split]}; delete {out} and run `make preprocess`."
+        )
+    return images, index
+
+
+def read_manifest(out_dir: str | os.PathLike) -> dict:
+    """manifest.json of an arrays folder, with a clear error when preprocessing has not run."""
+    path = Path(out_dir) / MANIFEST
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{path} not found: the image arrays are missing or incomplete. "
+            "Run `make preprocess` (for this DATA_DIR and input size) first."
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifest, report, fingerprint
+
+
+def _up_to_date(out: Path, sources: str) -> dict | None:
+    try:
+        manifest = read_manifest(out)
+    except (FileNotFoundError, ValueError):
+        return None
+    outputs = [final_array(out, s) for s in SPLITS] + [_index_csv(out, s) for s in SPLITS]
+    if manifest.get("sources") != sources or not all(path.is_file() for path in outputs):
+        return None
+    return manifest
+
+
+def _fingerprint(out: Path, sources: str, size: int) -> str:
+    """What downstream feature files record: the index contents, the sources and the size."""
+    indexes = [_index_csv(out, split).read_bytes() for split in SPLITS]
+    return digest(sources, size, *indexes)
+
+
+def _write_report(out: Path, rejects: list, bad: list) -> pd.DataFrame:
+    rows = [(name, "train", reason) for name, reason in [*rejects, *bad]]
+    report = pd.DataFrame(rows, columns=["file", "split", "reason"])
+    write_csv(out / REPORT, report)
+    if rows:
+        names = ", ".join(name for name, _, _ in rows)
+        print(f"Left out {len(rows)} train file(s), listed in {out / REPORT}: {names}")
+    return report
+
+
+def _counts_text(manifest: dict) -> str:
+    counts = manifest["counts"]
+    return f"train {counts['train']}, test {counts['test']}, {manifest['size']}px"
