@@ -154,8 +154,9 @@ def _section_features(r: dict) -> list[str]:
         "gets several such runs (fresh processes) and the best pipeline and best bare time "
         "count. Ratios are bare / pipeline (1 = no overhead): 'pipeline / bare' end to end, the "
         "target's figure; 'streaming' without the fixed cost before the first batch. 'fixed s' "
-        "is that cost as the bare pass paid it in the same process (build the model, trace the "
-        "forward pass; `extract` also opens its file): it does not grow with the data. Robust "
+        "is that cost timed on the same public calls in the same process, after the bare "
+        "pass's own build (build the model again, trace its forward pass; `extract` also opens "
+        "its file): it does not grow with the data. Robust "
         "to the load of a shared machine, from the best pipeline run: 'CPU', CPU seconds of all "
         "threads, bare / pipeline (the pipeline's include the fixed cost).",
         "",

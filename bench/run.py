@@ -6,8 +6,9 @@ Every figure comes with the figure it is judged against, measured in the same ru
 against the bare OpenCV loop or the bare forward pass of the same compiled model. The benchmark
 lives outside the package and drives it through its public API and its command line only. Each
 measured piece of work runs in a fresh child process (child.py, tasks.py); this parent imports
-the standard library only. `--quick` does the same on tiny sizes so that tests/test_bench.py
-keeps the tool from rotting; its numbers mean nothing.
+the standard library and dogscats' stdlib-only modules (config, backbones) only. `--quick` does
+the same on tiny sizes so that tests/test_bench.py keeps the tool from rotting; its numbers mean
+nothing.
 """
 
 from __future__ import annotations
