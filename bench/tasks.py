@@ -1,0 +1,396 @@
+"""The measured work, run in fresh child processes: `python bench/tasks.py '{"task": ...}'`.
+
+Each task prints its result as one JSON line. Heavy imports happen inside the tasks, before the
+clock starts; the module itself imports the standard library only, so the parent can use its
+helpers. The pipeline is driven through the public API of dogscats only; each bare counterpart
+is written here with OpenCV or the compiled forward pass alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable
+
+from child import RESULT_MARK
+
+SPLITS = ("train", "test")
+PRECISIONS = ("float32", "bfloat16")
+# arrays.preprocess writes each worker's consecutive rows in runs of at most 1 MB; the bare
+# loop that writes does the same, so both pay alike for each write.
+WRITE_BYTES = 1 << 20
+
+
+def main() -> None:
+    """Run one task, print its result (with this process's memory peaks) as one JSON line."""
+    request = json.loads(sys.argv[1])
+    result = TASKS[request["task"]](**request["kwargs"])
+    result["rss_self_mb"] = _maxrss_mb(resource.RUSAGE_SELF)
+    result["rss_children_mb"] = _maxrss_mb(resource.RUSAGE_CHILDREN)  # largest pool worker
+    print(RESULT_MARK + json.dumps(result), flush=True)
+
+
+def _maxrss_mb(who: int) -> float:
+    return resource.getrusage(who).ru_maxrss / 1024  # Linux reports kB
+
+
+def image_files(data_dir: str) -> list[str]:
+    """Every train and test JPEG, in the order the pipeline lists them (sorted by name)."""
+    return [
+        os.path.join(data_dir, split, name)
+        for split in SPLITS
+        for name in sorted(os.listdir(os.path.join(data_dir, split)))
+        if name.endswith(".jpg")
+    ]
+
+
+def _clock() -> tuple[float, float]:
+    """(wall clock, CPU seconds of this process and of its children reaped so far)."""
+    own, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return time.perf_counter(), own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _since(start: tuple[float, float]) -> dict[str, float]:
+    """Wall and CPU seconds since `start`: CPU time barely moves with the load of a shared
+    machine, so it tells extra work from waiting."""
+    wall, cpu = _clock()
+    return {"seconds": wall - start[0], "cpu_s": cpu - start[1]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing and its bare loops
+
+
+def task_preprocess(data_dir: str, size: int, out_dir: str, workers: int) -> dict:
+    """`make preprocess`'s work: arrays.preprocess end to end (listing, pool, fsync, rename)."""
+    from dogscats import arrays
+
+    start = _clock()
+    manifest = arrays.preprocess(data_dir, size, out_dir=out_dir, workers=workers, progress=False)
+    return {**_since(start), "images": sum(manifest["counts"].values())}
+
+
+def _bare_init() -> None:
+    import cv2
+
+    cv2.setNumThreads(1)  # as the pipeline's workers: one process per core
+
+
+def _bare_decode(task: tuple[list[str], int, str | None, int, int]) -> int:
+    """imread, cvtColor, resize each file; discard the result, or write it at its row of `out`
+    to price the writing apart from the pipeline's own overhead. Written as the pipeline's
+    workers write: resized into a buffer of `run_rows` rows, one pwrite per full buffer."""
+    import cv2
+    import numpy as np
+
+    paths, size, out, first_row, run_rows = task
+    if not out:
+        for path in paths:
+            rgb = cv2.cvtColor(cv2.imread(path), cv2.COLOR_BGR2RGB)
+            # Kept until the next image's is made: freed at once, glibc returns the heap top
+            # to the kernel and faults it in again for the next image, which would slow the
+            # bare loop for a reason of no interest here.
+            image = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_LINEAR)  # noqa: F841
+        return len(paths)
+    row_bytes = size * size * 3
+    rows = np.empty((run_rows, size, size, 3), dtype=np.uint8)
+    fd = os.open(out, os.O_WRONLY)
+    try:
+        for start in range(0, len(paths), run_rows):
+            batch = paths[start : start + run_rows]
+            for slot, path in enumerate(batch):
+                rgb = cv2.cvtColor(cv2.imread(path), cv2.COLOR_BGR2RGB)
+                cv2.resize(rgb, (size, size), dst=rows[slot], interpolation=cv2.INTER_LINEAR)
+            os.pwrite(fd, rows[: len(batch)].data, (first_row + start) * row_bytes)
+    finally:
+        os.close(fd)
+    return len(paths)
+
+
+def task_enlarge(source: str, target: str, width: int, height: int, quality: int = 90) -> dict:
+    """Every image of `source` enlarged to width x height and saved as JPEG under `target`:
+    synthetic, but as costly to decode as the competition's photos (most are about 500x375),
+    which the 200x200 sample is not. Written under /tmp, never into the repo."""
+    import cv2
+
+    for split in SPLITS:
+        os.makedirs(os.path.join(target, split))
+    files = image_files(source)
+    for path in files:
+        image = cv2.resize(cv2.imread(path), (width, height), interpolation=cv2.INTER_CUBIC)
+        out = os.path.join(target, os.path.relpath(path, source))
+        cv2.imwrite(out, image, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    mean_bytes = sum(
+        os.path.getsize(os.path.join(target, os.path.relpath(p, source))) for p in files
+    )
+    return {"images": len(files), "mean_kb": mean_bytes / len(files) / 1024, "quality": quality}
+
+
+def _pool_context():
+    """fork where the platform has it, as arrays.preprocess does: the bare loop gets the same
+    cheap worker start-up, so the pipeline is not flattered."""
+    import multiprocessing
+
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+
+
+def task_bare_decode(
+    data_dir: str, size: int, workers: int, out: str | None = None, chunk: int = 64
+) -> dict:
+    """The bare loop over a pool of `workers` processes (start-up included), like the
+    pipeline's pool: tasks of `chunk` files, results in completion order."""
+    import cv2  # noqa: F401  (imported before the fork, as arrays.preprocess has it)
+
+    files = image_files(data_dir)
+    run_rows = max(1, WRITE_BYTES // (size * size * 3)) if out else 0
+    tasks = [(files[i : i + chunk], size, out, i, run_rows) for i in range(0, len(files), chunk)]
+    start = _clock()
+    if out:  # preallocated, as the pipeline's array: both pay the same for each write
+        with open(out, "wb") as handle:
+            handle.truncate(len(files) * size * size * 3)
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(handle.fileno(), 0, len(files) * size * size * 3)
+    with _pool_context().Pool(workers, initializer=_bare_init) as pool:
+        done = sum(pool.imap_unordered(_bare_decode, tasks))
+    if out:  # timed: without it the kernel writes the rows back later, unpaid by any variant
+        fd = os.open(out, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    result = _since(start)
+    if out:
+        os.unlink(out)
+    return {**result, "images": done}
+
+
+def task_seeds_loop(data_dir: str, size: int) -> dict:
+    """The seed notebooks' way: one loop in one process filling an in-RAM array."""
+    import cv2
+    import numpy as np
+
+    files = image_files(data_dir)
+    start = _clock()
+    images = np.empty((len(files), size, size, 3), dtype=np.uint8)
+    for row, path in enumerate(files):
+        rgb = cv2.cvtColor(cv2.imread(path), cv2.COLOR_BGR2RGB)
+        images[row] = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_LINEAR)
+    return {**_since(start), "images": len(files)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature extraction and its bare forward pass
+
+
+def _forward_setup(
+    backbone: str, weights: str, precision: str, batch_size: int, arrays_dir: str
+) -> tuple[Callable, object]:
+    """The compiled forward pass `extract` builds (the same public calls), and one real batch
+    already in memory."""
+    import numpy as np
+    import tensorflow as tf
+
+    from dogscats import arrays, features
+    from dogscats.backbones import get_backbone
+
+    spec = get_backbone(backbone)
+    model = features.build_model(spec, weights, None, precision)
+    forward = features.make_forward(model, spec, batch_size, flip=False)
+    images, _ = arrays.load_split(arrays_dir, "train")
+    batch = np.zeros((batch_size, *images.shape[1:]), np.uint8)
+    rows = min(batch_size, len(images))
+    batch[:rows] = images[:rows]
+    batch = tf.constant(batch)
+    _time_forward(forward, batch, 2)  # trace and warm up: not part of the bare figure
+    return forward, batch
+
+
+def _fixed_cost(backbone: str, weights: str, batch_size: int, batch: object) -> float:
+    """Seconds to build the model again and trace its forward pass, as `extract` does before
+    its first batch (file opening aside). Timed on a second build in a process that has built
+    one already, as `extract`'s is here: the first pays one-off start-up costs besides."""
+    from dogscats import features
+    from dogscats.backbones import get_backbone
+
+    spec = get_backbone(backbone)
+    start = time.perf_counter()
+    model = features.build_model(spec, weights, None, "float32")
+    forward = features.make_forward(model, spec, batch_size, flip=False)
+    build_s = time.perf_counter() - start
+    first, warm = _time_forward(forward, batch, 2)
+    return build_s + max(first - warm, 0.0)
+
+
+def _time_forward(forward: Callable, batch: object, calls: int) -> list[float]:
+    """Seconds of each of `calls` forward passes, each result fetched as extract() does."""
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        for output in forward(batch):
+            output.numpy()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def _forward_calls(arrays_dir: str, batch_size: int) -> tuple[int, int]:
+    """(images, forward calls) of one extraction: each split's last batch is zero-padded."""
+    from dogscats import arrays
+
+    counts = arrays.read_manifest(arrays_dir)["counts"]
+    calls = sum(-(-counts[split] // batch_size) for split in SPLITS)
+    return sum(counts[split] for split in SPLITS), calls
+
+
+def _timed_extract(**kwargs: object) -> dict[str, float]:
+    """features.extract() as one whole public call: wall seconds, and CPU seconds of all this
+    process's threads (which the load of a shared machine barely changes)."""
+    from dogscats import features
+
+    cpu, start = time.process_time(), time.perf_counter()
+    features.extract(progress=False, **kwargs)
+    return {"seconds": time.perf_counter() - start, "cpu_s": time.process_time() - cpu}
+
+
+def task_features(
+    data_dir: str, arrays_dir: str, backbone: str, weights: str, batch_size: int, out: str
+) -> dict:
+    """extract() end to end between two halves of the bare forward pass, so that a slow drift
+    in the machine's load hits both alike. CPU seconds (all threads of the process) resist
+    load altogether."""
+    images, calls = _forward_calls(arrays_dir, batch_size)
+    forward, batch = _forward_setup(backbone, weights, "float32", batch_size, arrays_dir)
+    fixed_s = _fixed_cost(backbone, weights, batch_size, batch)
+    cpu = time.process_time()
+    bare = _time_forward(forward, batch, calls // 2)
+    bare_cpu = time.process_time() - cpu
+    pipeline = _timed_extract(
+        data_dir=data_dir,
+        backbone=backbone,
+        weights=weights,
+        batch_size=batch_size,
+        arrays_dir=arrays_dir,
+        out=out,
+    )
+    cpu = time.process_time()
+    bare += _time_forward(forward, batch, calls - calls // 2)
+    bare_cpu += time.process_time() - cpu
+    return {
+        "images": images,
+        "calls": calls,
+        "pipeline_s": pipeline["seconds"],
+        "fixed_s": fixed_s,
+        "bare_s": sum(bare),
+        "bare_batch_median_s": _median(bare),
+        "pipeline_cpu_s": pipeline["cpu_s"],
+        "bare_cpu_s": bare_cpu,
+    }
+
+
+def task_extract(
+    data_dir: str, arrays_dir: str, backbone: str, weights: str, batch_size: int, out: str
+) -> dict:
+    images, _ = _forward_calls(arrays_dir, batch_size)
+    timed = _timed_extract(
+        data_dir=data_dir,
+        backbone=backbone,
+        weights=weights,
+        batch_size=batch_size,
+        arrays_dir=arrays_dir,
+        out=out,
+    )
+    return {"images": images, **timed}
+
+
+def task_precision(
+    data_dir: str,
+    arrays_dir: str,
+    backbone: str,
+    weights: str,
+    batch_size: int,
+    rounds: int,
+    calls: int,
+    work: str | None = None,
+) -> dict:
+    """float32 against bfloat16 in one process (one TensorFlow start): with `work`, both full
+    extractions into feature files there and their difference; always the bare forward passes
+    of both, alternated round by round so that drift in load hits both alike."""
+    result: dict = {}
+    if work:
+        files = {p: os.path.join(work, f"{backbone}.{p}.h5") for p in PRECISIONS}
+        result["extract"] = {
+            precision: _timed_extract(
+                data_dir=data_dir,
+                backbone=backbone,
+                weights=weights,
+                precision=precision,
+                batch_size=batch_size,
+                arrays_dir=arrays_dir,
+                out=out,
+            )
+            for precision, out in files.items()
+        }
+        result["files"] = files
+        result["diff"] = _feature_difference(files["float32"], files["bfloat16"])
+    passes = {p: _forward_setup(backbone, weights, p, batch_size, arrays_dir) for p in PRECISIONS}
+    times: dict[str, list[float]] = {p: [] for p in PRECISIONS}
+    for _ in range(rounds):
+        for precision, (forward, batch) in passes.items():
+            times[precision] += _time_forward(forward, batch, calls)
+    result["bare"] = {
+        "images": rounds * calls * batch_size,
+        "seconds": {p: sum(t) for p, t in times.items()},
+        "median_s": {p: _median(t) for p, t in times.items()},
+    }
+    return result
+
+
+def _split_features(path: str) -> object:
+    """The plain features of both splits, read straight from the file (its layout is
+    documented in dogscats/features.py: <split>/features)."""
+    import h5py
+    import numpy as np
+
+    with h5py.File(path, "r") as handle:
+        return np.concatenate([handle[split]["features"][...] for split in SPLITS])
+
+
+def _feature_difference(first: str, second: str) -> dict:
+    """Largest and typical difference between two feature files of the same images."""
+    import numpy as np
+
+    a, b = _split_features(first), _split_features(second)
+    diff = np.abs(a - b)
+    rel = np.linalg.norm(a - b, axis=1) / np.maximum(np.linalg.norm(a, axis=1), 1e-12)
+    return {
+        "max_abs_diff": float(diff.max()),
+        "max_abs_value": float(np.abs(a).max()),
+        "mean_abs_diff": float(diff.mean()),
+        "max_rel_l2": float(rel.max()),
+        "mean_rel_l2": float(rel.mean()),
+    }
+
+
+TASKS: dict[str, Callable[..., dict]] = {
+    "preprocess": task_preprocess,
+    "bare_decode": task_bare_decode,
+    "enlarge": task_enlarge,
+    "seeds_loop": task_seeds_loop,
+    "features": task_features,
+    "extract": task_extract,
+    "precision": task_precision,
+}
+
+
+if __name__ == "__main__":
+    main()
