@@ -131,13 +131,13 @@ score: | $(SETUP) ## log loss and accuracy of SUBMISSION against LABELS (id,labe
 
 BENCH_DATA ?= ../shared/data/dogs-vs-cats-sample
 bench: | $(SETUP) ## speed and memory against bare loops: writes bench/REPORT.md
-	$(CLI) bench --data-dir '$(BENCH_DATA)' --out bench/REPORT.md
+	$(PY) bench/run.py --data-dir '$(BENCH_DATA)' --out bench/REPORT.md
 
 test: | $(SETUP) ## the whole test suite
 	$(PY) -m pytest
 
 lint: | $(SETUP) ## ruff
-	$(VENV)/bin/ruff check src tests scripts
+	$(VENV)/bin/ruff check src tests scripts bench
 
 clean: ## remove caches of Python (never data, features or submissions)
 	find . -name __pycache__ -type d -prune -exec rm -rf {} + ; rm -rf .pytest_cache .ruff_cache

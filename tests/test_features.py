@@ -136,5 +136,3 @@ def test_feature_set_concatenates_and_checks_ids(tmp_path):
         features.load_feature_set([a, c])
     with pytest.raises(features.FeatureMismatchError, match="TTA=flip needs mirrored"):
         features.load_feature_set([a], tta="flip")
-
-

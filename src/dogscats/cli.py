@@ -217,20 +217,6 @@ def finetune_cmd(args):
     )
 
 
-def _bench_args(p):
-    _data_dir(p)
-    p.add_argument("--out", default="bench/REPORT.md", help="markdown report to write")
-    p.add_argument("--quick", action="store_true", help="tiny sizes: checks the tool runs")
-    p.add_argument("--stages", nargs="*", default=None, help="subset of stages to measure")
-
-
-@command("bench", "speed and memory of each stage against its bare counterpart")(_bench_args)
-def bench_cmd(args):
-    from dogscats import bench
-
-    bench.run(args.data_dir, args.out, quick=args.quick, stages=args.stages)
-
-
 def _submission_args(p):
     p.add_argument("--run-dir", required=True, help="run folder written by `train`")
     p.add_argument("--sample-submission", required=True)
