@@ -85,12 +85,12 @@ def _section_preprocess(r: dict) -> list[str]:
     w = r["workers"]
     names = {
         "pipeline": (
-            f"`arrays.preprocess`: {w} workers, pwrite of 1 MB runs of rows into the "
-            "preallocated .npy, flushed to disk while decoding, fsync, rename"
+            f"`arrays.preprocess`: {w} workers, one pwrite per row into the preallocated "
+            ".npy, synced as tasks finish, fsync, rename"
         ),
         "bare": f"bare loop: imread, cvtColor, resize, result discarded; {w} processes",
         "bare_write": (
-            f"bare loop + pwrite of the results in 1 MB runs into one preallocated file, "
+            f"bare loop + one pwrite per result into one preallocated file, "
             f"fsync at the end; {w} processes"
         ),
         "seeds": "seeds' loop: 1 process filling an in-RAM array",
