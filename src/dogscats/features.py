@@ -136,8 +136,8 @@ def build_model(spec: BackboneSpec, weights: str, weights_dir: str | None, preci
 def make_forward(model, spec: BackboneSpec, batch_size: int, flip: bool):
     """A tf.function over uint8 batches of one fixed shape: preprocess, model, optional mirror.
 
-    A fixed input signature avoids retracing and was ~1.45x faster than eager calls on CPU;
-    XLA compilation was slower on CPU, so it stays off.
+    A fixed input signature avoids retracing, which made it faster than eager calls on CPU;
+    XLA compilation was slower on CPU, so it stays off (bench/REPORT.md has the figures).
     """
     import tensorflow as tf
 
@@ -180,7 +180,7 @@ def batch_stream(images: np.ndarray, batch_size: int, start: int = 0):
     spec = tf.TensorSpec((batch_size, size, size, 3), tf.uint8)
     # A fixed prefetch with autotuning off: one generator ahead of the model needs no tuning,
     # and with it on, deleting a finished iterator at times waited seconds for the autotuner
-    # (make bench: up to ~4 s per split, traced to the iterator's teardown).
+    # (seen in make bench, traced to the iterator's teardown).
     options = tf.data.Options()
     options.autotune.enabled = False
     dataset = tf.data.Dataset.from_generator(batches, output_signature=spec)
@@ -192,7 +192,7 @@ class _RowReader:
 
     A whole .npy memory map is read with os.preadv rather than through the map: every page
     touched through a map stays in this process's resident memory until the map is closed,
-    so peak RSS grew with the data set (make bench: +650 MB from 1,500 to 6,000 images).
+    so peak RSS grew with the data set (make bench's memory section watches this).
     Anything else (an in-RAM array, a slice of a map) is copied as before.
     """
 
