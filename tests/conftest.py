@@ -74,3 +74,16 @@ def write_features(path, ids, labels, feats, test_ids, test_feats, flip=False) -
             g["features"] = x
             if flip:
                 g["features_flip"] = x + 0.01
+
+
+def separable(n: int = 200, dim: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Features whose first column separates the two classes: any head learns them."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 2
+    X = rng.normal(size=(n, dim)).astype("float32")
+    X[:, 0] += 3 * (2 * y - 1)
+    return X, y
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-z))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pytest
-from conftest import write_features
+from conftest import separable, write_features
 
 from dogscats import arrays, features
 from dogscats.backbones import build_backbone, get_backbone
@@ -112,14 +112,6 @@ def test_unknown_tta_is_refused(arrays_224, tmp_path):
     data_dir, arrays_dir = arrays_224
     with pytest.raises(ValueError, match="TTA must be one of none, flip. Received: 'rot'"):
         extract(data_dir, arrays_dir, tmp_path / "f.h5", tta="rot")
-
-
-def separable(n=200, dim=16, seed=0):
-    rng = np.random.default_rng(seed)
-    y = np.arange(n) % 2
-    X = rng.normal(size=(n, dim)).astype("float32")
-    X[:, 0] += 3 * (2 * y - 1)
-    return X, y
 
 
 def test_feature_set_concatenates_and_checks_ids(tmp_path):

@@ -6,23 +6,12 @@ import pickle
 
 import numpy as np
 import pytest
+from conftest import separable, sigmoid
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from dogscats import heads
-
-
-def separable(n=200, dim=16, seed=0):
-    rng = np.random.default_rng(seed)
-    y = np.arange(n) % 2
-    X = rng.normal(size=(n, dim)).astype("float32")
-    X[:, 0] += 3 * (2 * y - 1)
-    return X, y
-
-
-def sigmoid(z):
-    return 1 / (1 + np.exp(-z))
 
 
 def test_logistic_head_follows_the_estimator_api():

@@ -7,22 +7,10 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import write_features
+from conftest import separable, sigmoid, write_features
 
 from dogscats import config, features, train
 from dogscats.heads import _Head
-
-
-def separable(n=200, dim=16, seed=0):
-    rng = np.random.default_rng(seed)
-    y = np.arange(n) % 2
-    X = rng.normal(size=(n, dim)).astype("float32")
-    X[:, 0] += 3 * (2 * y - 1)
-    return X, y
-
-
-def sigmoid(z):
-    return 1 / (1 + np.exp(-z))
 
 
 def test_folds_partition_rows_and_are_stratified():
