@@ -175,19 +175,10 @@ def train_cmd(args):
     )
 
 
-# Flags left out keep the defaults of finetune/hparams.py (the stage's keyword defaults).
-FINETUNE_HYPERPARAMETERS = {
-    "--epochs": (int, "most epochs per fold"),
-    "--learning-rate": (float, "peak Adam learning rate"),
-    "--batch-size": (int, "images per step"),
-    "--patience": (int, "epochs without a better validation loss before a fold stops"),
-    "--dropout": (float, "dropout before the dense head"),
-}
-
-
-def _given(args: argparse.Namespace, flags: dict) -> dict:
-    """{keyword: value} of the flags set on the command line."""
-    names = (flag.lstrip("-").replace("-", "_") for flag in flags)
+def _given_hyperparameters(args: argparse.Namespace) -> dict:
+    """{keyword: value} of the fine-tuning hyperparameters set on the command line; the others
+    keep the stage's defaults."""
+    names = (keyword for keyword, *_ in config.FINETUNE_HYPERPARAMETERS)
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
@@ -198,7 +189,8 @@ def _finetune_args(p):
     p.add_argument("--augment", default="flip", choices=["flip", "full"])
     p.add_argument("--seed", type=int, default=config.SEED)
     p.add_argument("--out", required=True, help="run folder to write")
-    for flag, (kind, what) in FINETUNE_HYPERPARAMETERS.items():
+    for keyword, _, kind, what in config.FINETUNE_HYPERPARAMETERS:
+        flag = "--" + keyword.replace("_", "-")
         p.add_argument(flag, type=kind, default=None, help=f"{what} (default in finetune/hparams)")
 
 
@@ -217,7 +209,7 @@ def finetune_cmd(args):
         arrays_dir=args.arrays,
         out=args.out,
         seed=args.seed,
-        **_given(args, FINETUNE_HYPERPARAMETERS),
+        **_given_hyperparameters(args),
     )
 
 

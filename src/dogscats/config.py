@@ -114,14 +114,17 @@ def head_run_name(backbones: list[str], head: str, **settings) -> str:
     return f"{'+'.join(backbones)}__{head}{settings_suffix(**settings)}"
 
 
-# Fine-tuning hyperparameters that name a run when set: (keyword, name part).
-FINETUNE_NAME_PARTS = (
-    ("epochs", "ep"),
-    ("learning_rate", "lr"),
-    ("batch_size", "bs"),
-    ("patience", "pat"),
-    ("dropout", "drop"),
+# The fine-tuning hyperparameters a user may set (make's FT_*, the CLI's flags): keyword, the
+# part of the run name it adds when set, its type, what it is. Unset ones keep the stage's
+# defaults (finetune/hparams.py).
+FINETUNE_HYPERPARAMETERS = (
+    ("epochs", "ep", int, "most epochs per fold"),
+    ("learning_rate", "lr", float, "peak Adam learning rate"),
+    ("batch_size", "bs", int, "images per step"),
+    ("patience", "pat", int, "epochs without a better validation loss before a fold stops"),
+    ("dropout", "drop", float, "dropout before the dense head"),
 )
+FINETUNE_NAME_PARTS = tuple((keyword, part) for keyword, part, *_ in FINETUNE_HYPERPARAMETERS)
 
 
 def finetune_run_name(
