@@ -124,15 +124,17 @@ class KerasHead(_Head):
 
         X, y = validate_data(self, X, y, dtype=np.float32)
         self.classes_ = _binary_classes(y)
-        y = (y == self.classes_[1]).astype("float32")  # the sigmoid's target: P(classes_[1])
+        target = self._target(y)
         if X_val is None:
-            X, X_val, y, y_val = train_test_split(
+            X, X_val, target, val_target = train_test_split(
                 X,
-                y,
-                test_size=_validation_size(self.validation_fraction, len(y)),
-                stratify=y,
+                target,
+                test_size=_validation_size(self.validation_fraction, len(target)),
+                stratify=target,
                 random_state=self.random_state,
             )
+        else:
+            X_val, val_target = np.asarray(X_val, "float32"), self._target(y_val)
         if self.random_state is not None:
             keras.utils.set_random_seed(self.random_state)
         self.model_ = build_dense_head(X.shape[1], self.dropout)
@@ -142,11 +144,8 @@ class KerasHead(_Head):
         stop = keras.callbacks.EarlyStopping(patience=self.patience, restore_best_weights=True)
         history = self.model_.fit(
             X,
-            y.astype("float32"),
-            validation_data=(
-                np.asarray(X_val, "float32"),
-                (np.asarray(y_val) == self.classes_[1]).astype("float32"),
-            ),
+            target,
+            validation_data=(X_val, val_target),
             epochs=self.epochs,
             batch_size=self.batch_size,
             callbacks=[stop],
@@ -154,6 +153,10 @@ class KerasHead(_Head):
         )
         self.epochs_ = len(history.history["loss"])
         return self
+
+    def _target(self, y) -> np.ndarray:
+        """What the sigmoid learns: 1.0 for classes_[1], 0.0 for classes_[0]."""
+        return (np.asarray(y) == self.classes_[1]).astype("float32")
 
     def predict_proba(self, X):
         check_is_fitted(self)
