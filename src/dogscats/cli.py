@@ -55,12 +55,11 @@ def _backbone_source(p: argparse.ArgumentParser) -> None:
 
 
 def _plan_args(p):
-    from dogscats.plan import Variables
+    from dogscats.plan import MAKE_VARIABLES, Variables
 
-    for name, default in Variables.__dataclass_fields__.items():
-        if name not in ("finetune", "hyperparameters"):
-            flag = "--" + name.replace("_", "-")
-            p.add_argument(flag, default=default.default, help="the make variable")
+    for name in MAKE_VARIABLES:
+        default = getattr(Variables, name)
+        p.add_argument("--" + name.replace("_", "-"), default=default, help="the make variable")
     p.add_argument("--finetune", action="store_true", help="BACKBONE's arrays are needed")
     for keyword, _ in config.FINETUNE_NAME_PARTS:
         p.add_argument("--ft-" + keyword.replace("_", "-"), default="", dest=keyword)
@@ -70,29 +69,20 @@ def _plan_args(p):
 def plan_cmd(args):
     from dogscats import plan
 
+    variables = {name: getattr(args, name) for name in plan.MAKE_VARIABLES}
     hyperparameters = {k: getattr(args, k) for k, _ in config.FINETUNE_NAME_PARTS}
-    names = set(plan.Variables.__dataclass_fields__) - {"hyperparameters"}
-    fields = {name: getattr(args, name) for name in names}
-    print(plan.as_make(plan.Variables(**{**fields, "hyperparameters": hyperparameters})))
+    given = plan.Variables(**variables, finetune=args.finetune, hyperparameters=hyperparameters)
+    print(plan.as_make(given))
 
 
 def _backbones_args(p):
-    p.add_argument("names", nargs="*", help="wildcard (listing) or names (with --sizes)")
-    p.add_argument(
-        "--sizes",
-        action="store_true",
-        help="print name:input_size for the given names (`offline` expands)",
-    )
+    p.add_argument("names", nargs="*", help="shell-style wildcard, e.g. 'efficientnet*'")
 
 
 @command("backbones", "list the backbone registry")(_backbones_args)
 def backbones_cmd(args):
     from dogscats import backbones
 
-    if args.sizes:
-        names = backbones.expand_names(args.names)
-        print(" ".join(f"{n}:{backbones.get_backbone(n).input_size}" for n in names))
-        return
     pattern = args.names[0] if args.names else "*"
     names = backbones.list_backbones(pattern)
     if not names:

@@ -8,7 +8,7 @@ owner (config.py). Standard library only: it answers before the venv exists, in 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from dogscats import backbones, config
@@ -35,6 +35,12 @@ class Variables:
     ft_head: str = config.DEFAULT_HEAD
     finetune: bool = False  # HEAD=finetune or `make finetune`: BACKBONE's arrays are needed
     hyperparameters: dict[str, str] = field(default_factory=dict)  # FT_* set on the command line
+
+
+# The plain string fields: one `--name` flag each on `dogscats.cli plan`.
+MAKE_VARIABLES = tuple(
+    f.name for f in fields(Variables) if f.name not in ("finetune", "hyperparameters")
+)
 
 
 def _relative(path: Path) -> str:
