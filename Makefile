@@ -18,6 +18,7 @@ WEIGHTS ?= imagenet
 WEIGHTS_DIR ?=
 PRECISION ?= float32
 BATCH_SIZE ?= 32
+DEVICES ?= auto
 CLIP ?= auto
 WORKERS ?=
 BACKBONE ?= efficientnet_lite0
@@ -43,7 +44,7 @@ define newline
 
 endef
 PLAN_ARGS := --data-dir '$(DATA_DIR)' --backbones '$(BACKBONES)' --head '$(HEAD)' --tta '$(TTA)' \
-	--weights '$(WEIGHTS)' --precision '$(PRECISION)' --folds '$(FOLDS)' --seed '$(SEED)' \
+	--weights '$(WEIGHTS)' --precision '$(PRECISION)' --devices '$(DEVICES)' --folds '$(FOLDS)' --seed '$(SEED)' \
 	--clip '$(CLIP)' --backbone '$(BACKBONE)' --blocks '$(BLOCKS)' --augment '$(AUGMENT)' \
 	--ft-head '$(FT_HEAD)' --ft-epochs '$(FT_EPOCHS)' --ft-learning-rate '$(FT_LR)' \
 	--ft-batch-size '$(FT_BATCH)' --ft-patience '$(FT_PATIENCE)' --ft-dropout '$(FT_DROPOUT)' \
@@ -100,7 +101,7 @@ $(addsuffix /manifest.json,$(ARRAY_DIRS)): %/manifest.json: $(wildcard $(DATA_DI
 $(sort $(FEATURE_FILES) $(FT_HEAD_FEATURES)): | $(SETUP)
 	$(CLI) features --data-dir '$(DATA_DIR)' --backbone $(EXTRACT_BACKBONE) --weights $(WEIGHTS) \
 		--tta $(EXTRACT_TTA) --precision $(PRECISION) --batch-size $(BATCH_SIZE) \
-		--arrays $(EXTRACT_ARRAYS) --out $@
+		--devices '$(DEVICES)' --arrays $(EXTRACT_ARRAYS) --out $@
 
 # $(call train_head,feature files,run folder,head)
 train_head = $(CLI) train --features $(1) --out $(2) --head $(3) --tta $(TTA) --folds $(FOLDS) --seed $(SEED)

@@ -9,6 +9,7 @@ from conftest import separable, write_features
 
 from dogscats import arrays, features
 from dogscats.backbones import build_backbone, get_backbone
+from dogscats.forward import Forward, make_forward
 
 
 @pytest.fixture
@@ -52,9 +53,9 @@ def test_flip_features_are_the_features_of_mirrored_images(arrays_224, tmp_path)
     data_dir, arrays_dir = arrays_224
     spec = get_backbone("resnet50")
     model = build_backbone("resnet50", weights="random")
-    forward = features.make_forward(model, spec, batch_size=2, flip=True)
+    forward = make_forward(model, spec, batch_size=2, flip=True)
     images, _ = arrays.load_split(arrays_dir, "train")
-    plain, flipped = (o.numpy() for o in forward(images[:2]))
+    plain, flipped = forward.run(np.asarray(images[:2]))
     x = spec.preprocess_fn()(images[:2].astype("float32"))
     assert np.allclose(plain, model.predict(x, verbose=0), atol=1e-4)
     mirrored = spec.preprocess_fn()(images[:2, :, ::-1].astype("float32"))
@@ -71,29 +72,23 @@ def test_an_up_to_date_file_is_not_rebuilt(arrays_224, tmp_path, monkeypatch):
 def test_an_interrupted_run_leaves_no_file_and_resumes(arrays_224, tmp_path, monkeypatch):
     data_dir, arrays_dir = arrays_224
     out = tmp_path / "f.h5"
-    real_forward = features.make_forward
+    real_call = Forward.__call__
     calls = {"n": 0}
 
-    def failing_forward(*args, **kwargs):
-        forward = real_forward(*args, **kwargs)
+    def failing_call(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_call(self, batch)
 
-        def wrapped(batch):
-            calls["n"] += 1
-            if calls["n"] == 3:
-                raise KeyboardInterrupt
-            return forward(batch)
-
-        wrapped.get_concrete_function = forward.get_concrete_function
-        return wrapped
-
-    monkeypatch.setattr(features, "make_forward", failing_forward)
+    monkeypatch.setattr(Forward, "__call__", failing_call)
     with pytest.raises(KeyboardInterrupt):
         extract(data_dir, arrays_dir, out)
     assert not out.exists()
     with h5py.File(out.with_name("f.h5.partial")) as partial:
-        assert partial["train"].attrs["rows_done"] == 8  # two batches of 4 kept
-    monkeypatch.setattr(features, "make_forward", real_forward)
-    calls["n"] = 0
+        # Three batches of 4 ran; the third was still in flight, so two were written.
+        assert partial["train"].attrs["rows_done"] == 8
+    monkeypatch.setattr(Forward, "__call__", real_call)
     extract(data_dir, arrays_dir, out)
     assert out.exists() and not out.with_name("f.h5.partial").exists()
     with h5py.File(out) as f:

@@ -127,6 +127,7 @@ def _features_args(p):
     p.add_argument("--tta", default="none", choices=["none", "flip"])
     p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--devices", default="auto", help=config.DEVICES_HELP)
     p.add_argument("--out", help="feature file; default features/<dataset>/<backbone>.h5")
 
 
@@ -144,6 +145,7 @@ def features_cmd(args):
         batch_size=args.batch_size,
         arrays_dir=args.arrays,
         out=args.out,
+        devices=args.devices,
     )
 
 

@@ -24,6 +24,17 @@ HEADS = ("logreg", "keras", "zeroshot")
 DEFAULT_HEAD = "logreg"
 TTAS = ("none", "flip")
 PRECISIONS = ("float32", "bfloat16")
+DEVICES_HELP = "auto (every accelerator, else the CPU), cpu, or a number of devices"
+
+
+def parse_devices(value: str) -> str | int:
+    """DEVICES as given to make: 'auto', 'cpu' or a positive count."""
+    value = str(value).strip().lower()
+    if value in ("auto", "cpu"):
+        return value
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    raise ValueError(f"DEVICES must be {DEVICES_HELP}. Received: {value!r}")
 WEIGHT_MODES = ("imagenet", "random")  # or the path of a weights file
 AUGMENTS = ("flip", "full")
 

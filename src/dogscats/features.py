@@ -4,25 +4,23 @@ File layout (one per backbone and settings):
     train/features, train/features_flip (TTA=flip), train/ids, train/labels, train/zeroshot...
     test/...    the same without labels
     attrs: backbone, input_size, feature_dim, weights, weights_source, preprocess, precision,
-           tta, fingerprint (of the image arrays), keras/tensorflow versions.
+           tta, fingerprint (of the image arrays), keras_version, keras_backend and its version.
 The file is filled under a `.partial` name, batch by batch, and renamed when complete: an
 interrupted run leaves no final file, and a re-run continues from the last batch written.
 """
 
 from __future__ import annotations
 
-import mmap
 import os
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
-from tqdm import tqdm
 
 from dogscats import arrays, config, store
 from dogscats.backbones import BackboneSpec, build_backbone, get_backbone, resolve_keras_weights
+from dogscats.forward import make_forward, place, run_forward
 from dogscats.store import SPLITS
 
 # ImageNet-1k class ranges used by the zero-shot head: dogs 151-268, cats 281-285.
@@ -79,6 +77,7 @@ def extract(
     arrays_dir: str | os.PathLike | None = None,
     out: str | os.PathLike | None = None,
     progress: bool = True,
+    devices: str = "auto",
 ) -> Path:
     """Write (or find up to date) the feature file of one backbone; return its path."""
     spec = get_backbone(backbone)
@@ -102,8 +101,12 @@ def extract(
         )
     elif weights == "imagenet" and not spec.offline:
         resolve_keras_weights(spec, weights_dir)  # fail now, before any long work
-    model = build_model(spec, weights, weights_dir, precision)
-    forward = make_forward(model, spec, batch_size, flip=(tta == "flip"))
+    where = place(devices)
+    batch_size = where.batch_size(batch_size)
+    print(f"Forward pass: {where.describe()}, batch {batch_size}", flush=True)
+    with where.scope():
+        model = build_model(spec, weights, weights_dir, precision)
+    forward = make_forward(model, spec, batch_size, flip=(tta == "flip"), where=where)
     partial = store.partial_path(out)
     with h5py.File(_open_partial(partial, wanted), "a") as handle:
         for split in SPLITS:
@@ -133,93 +136,6 @@ def build_model(spec: BackboneSpec, weights: str, weights_dir: str | None, preci
         keras.mixed_precision.set_global_policy("float32")
 
 
-def make_forward(model, spec: BackboneSpec, batch_size: int, flip: bool):
-    """A tf.function over uint8 batches of one fixed shape: preprocess, model, optional mirror.
-
-    A fixed input signature avoids retracing, which made it faster than eager calls on CPU;
-    XLA compilation was slower on CPU, so it stays off (bench/REPORT.md has the figures).
-    """
-    import tensorflow as tf
-
-    preprocess = spec.preprocess_fn()
-    size = spec.input_size
-    signature = [tf.TensorSpec((batch_size, size, size, 3), tf.uint8)]
-
-    @tf.function(input_signature=signature)
-    def forward(batch):
-        x = preprocess(tf.cast(batch, tf.float32))
-        outputs = [tf.cast(model(x, training=False), tf.float32)]
-        if flip:
-            outputs.append(tf.cast(model(tf.reverse(x, axis=[2]), training=False), tf.float32))
-        return outputs
-
-    return forward
-
-
-def batch_stream(images: np.ndarray, batch_size: int, start: int = 0):
-    """tf.data pipeline of fixed-size uint8 batches read from the memory map, prefetched.
-
-    The last batch is zero-padded so that one compiled graph serves every batch.
-    """
-    import tensorflow as tf
-
-    size = images.shape[1]
-
-    def batches() -> Iterator[np.ndarray]:
-        read = _RowReader(images)
-        try:
-            for first in range(start, len(images), batch_size):
-                rows = min(batch_size, len(images) - first)
-                batch = np.empty((batch_size, *images.shape[1:]), images.dtype)
-                read(first, batch[:rows])
-                batch[rows:] = 0
-                yield batch
-        finally:
-            read.close()
-
-    spec = tf.TensorSpec((batch_size, size, size, 3), tf.uint8)
-    # A fixed prefetch with autotuning off: one generator ahead of the model needs no tuning,
-    # and with it on, deleting a finished iterator at times waited seconds for the autotuner
-    # (seen in make bench, traced to the iterator's teardown).
-    options = tf.data.Options()
-    options.autotune.enabled = False
-    dataset = tf.data.Dataset.from_generator(batches, output_signature=spec)
-    return dataset.prefetch(2).with_options(options)
-
-
-class _RowReader:
-    """read(first, out) fills `out` with rows first.. of `images`.
-
-    A whole .npy memory map is read with os.preadv rather than through the map: every page
-    touched through a map stays in this process's resident memory until the map is closed,
-    so peak RSS grew with the data set (make bench's memory section watches this).
-    Anything else (an in-RAM array, a slice of a map) is copied as before.
-    """
-
-    def __init__(self, images: np.ndarray):
-        self.images, self.fd = images, None
-        whole_map = isinstance(images, np.memmap) and isinstance(images.base, mmap.mmap)
-        if whole_map and images.filename and images.flags.c_contiguous:
-            self.fd = os.open(images.filename, os.O_RDONLY)
-
-    def __call__(self, first: int, out: np.ndarray) -> None:
-        if self.fd is None:
-            out[...] = self.images[first : first + len(out)]
-            return
-        view = memoryview(out).cast("B")
-        position = self.images.offset + first * self.images.strides[0]
-        while view:
-            read = os.preadv(self.fd, [view], position)
-            if read == 0:
-                raise EOFError(f"{self.images.filename} ends before row {first + len(out)}")
-            view, position = view[read:], position + read
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
 def _open_partial(partial: Path, wanted: dict[str, object]) -> Path:
     """Keep a partial file written with the same settings (resume); otherwise start afresh."""
     if partial.exists() and store.changed_settings(stored_attrs(partial, wanted), wanted):
@@ -227,22 +143,31 @@ def _open_partial(partial: Path, wanted: dict[str, object]) -> Path:
     partial.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(partial, "a") as handle:
         handle.attrs.update(wanted)
-        handle.attrs["keras_version"], handle.attrs["tensorflow_version"] = _versions()
+        handle.attrs.update(_versions())
     return partial
 
 
-def _versions() -> tuple[str, str]:
-    import keras
-    import tensorflow as tf
+def _versions() -> dict[str, str]:
+    """What computed the file: Keras, its backend and the backend's version (provenance only:
+    features agree across backends, so a file made by one serves them all)."""
+    import importlib
 
-    return keras.__version__, tf.__version__
+    import keras
+
+    backend = keras.backend.backend()
+    module = importlib.import_module(backend)
+    return {
+        "keras_version": keras.__version__,
+        "keras_backend": backend,
+        f"{backend}_version": module.__version__,
+    }
 
 
 def _extract_split(handle, split, images, index, forward, batch_size, tta, progress) -> None:
     n = len(images)
     group = handle.require_group(split)
     names = ["features"] + (["features_flip"] if tta == "flip" else [])
-    dim = int(forward.get_concrete_function().structured_outputs[0].shape[-1])
+    dim = int(forward.output_shape[-1])
     for name in names:
         group.require_dataset(name, shape=(n, dim), dtype="float32")
     if "ids" not in group:
@@ -258,29 +183,6 @@ def _extract_split(handle, split, images, index, forward, batch_size, tta, progr
     done = int(group.attrs.get("rows_done", 0))
     desc = f"{handle.attrs['backbone']} {split}"
     run_forward(images, forward, batch_size, write, start=done, desc=desc, progress=progress)
-
-
-def run_forward(
-    images: np.ndarray,
-    forward,
-    batch_size: int,
-    write: Callable[[int, list[np.ndarray]], None],
-    start: int = 0,
-    desc: str = "",
-    progress: bool = True,
-) -> None:
-    """The resumable loop of every stage that runs a network over the arrays (features, the
-    fine-tuning cache): `forward` on rows start.. in fixed-size batches, then
-    `write(first_row, outputs)` with the padding cut off; `write` records its own resume point.
-    """
-    bar = tqdm(total=len(images), initial=start, desc=desc, unit="img", disable=not progress)
-    done = start
-    for batch in batch_stream(images, batch_size, start=start):
-        rows = min(batch_size, len(images) - done)
-        write(done, [np.asarray(output)[:rows] for output in forward(batch)])
-        done += rows
-        bar.update(rows)
-    bar.close()
 
 
 def _add_zeroshot(handle, spec: BackboneSpec, weights: str, tta: str) -> None:

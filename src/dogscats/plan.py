@@ -26,6 +26,7 @@ class Variables:
     tta: str = "none"
     weights: str = "imagenet"
     precision: str = "float32"
+    devices: str = "auto"
     folds: str = str(config.FOLDS)
     seed: str = str(config.SEED)
     clip: str = "auto"
@@ -65,6 +66,7 @@ def _check(v: Variables) -> None:
     for name, value in (("FOLDS", v.folds), ("SEED", v.seed), ("BLOCKS", v.blocks)):
         if not value.isdigit():
             raise ValueError(f"{name} must be a whole number. Received: {value!r}")
+    config.parse_devices(v.devices)
     if " " in os.path.abspath(v.data_dir):
         raise ValueError(
             f"DATA_DIR={v.data_dir!r}: make cannot handle spaces in paths; link the folder to "

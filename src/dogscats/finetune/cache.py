@@ -16,9 +16,9 @@ import numpy as np
 
 from dogscats import arrays, store
 from dogscats.backbones import BackboneSpec
-from dogscats.features import make_forward, run_forward
 from dogscats.finetune.hparams import Log
 from dogscats.finetune.model import Cut
+from dogscats.forward import make_forward, run_forward
 
 CACHE_FORMAT = 1  # bump when the cache layout changes
 CACHE_SOURCE = "source.json"  # in each cache folder: the arrays it was made from
@@ -91,7 +91,7 @@ def _fill_split(path: Path, images, forward, batch_size: int, dtype: str, progre
     """
     partial = store.partial_path(path)
     state = partial.with_suffix(".json")  # the resume point: {"rows_done": n}
-    map_shape = tuple(forward.get_concrete_function().structured_outputs[0].shape[1:])
+    map_shape = forward.output_shape
     shape = (len(images), 2, *map_shape)
     done = _rows_done(partial, state, shape, dtype)
     mode = "r+" if done else "w+"

@@ -1,0 +1,362 @@
+"""A network over the image arrays, on whichever Keras backend and devices are in use.
+
+`KERAS_BACKEND` (tensorflow by default, jax, torch) picks the backend; `DEVICES` picks the
+devices (`place`). Three pieces, shared by feature extraction and fine-tuning's cache:
+    make_forward   the compiled step uint8 batch -> [features (, features of the mirror)]
+    batch_stream   fixed-size batches read from the memory map by a prefetching thread
+    run_forward    the resumable loop: step, fetch, write, one batch kept in flight
+Keras's own `predict_on_batch` is not used: on JAX it copies every weight back into the model
+and waits for the result after each batch, which leaves an accelerator idle between batches.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from dogscats import config
+from dogscats.backbones import BackboneSpec
+
+
+class DeviceError(ValueError):
+    pass
+
+
+@dataclass
+class Placement:
+    """The backend and devices a forward pass runs on; several devices split each batch
+    (keras.distribution.DataParallel, JAX only)."""
+
+    backend: str
+    devices: list[str]
+    distribution: Any = None  # keras.distribution.DataParallel when len(devices) > 1
+    notes: list[str] = field(default_factory=list)
+
+    def scope(self) -> AbstractContextManager:
+        """Build models inside this scope: their variables are then laid out on the devices."""
+        return self.distribution.scope() if self.distribution is not None else nullcontext()
+
+    def batch_size(self, wanted: int) -> int:
+        """`wanted` rounded up to a multiple of the device count (each device gets a share)."""
+        count = len(self.devices)
+        return -(-wanted // count) * count
+
+    def describe(self) -> str:
+        kind = "device" if len(self.devices) == 1 else "devices"
+        text = f"{self.backend} on {len(self.devices)} {kind} ({', '.join(self.devices)})"
+        return "; ".join([text, *self.notes])
+
+
+def place(devices: str = "auto") -> Placement:
+    """The devices `devices` names, on the backend in use."""
+    import keras
+
+    try:
+        wanted = config.parse_devices(devices)
+    except ValueError as error:
+        raise DeviceError(str(error)) from None
+    backend = keras.backend.backend()
+    if backend == "jax":
+        return _place_jax(wanted)
+    return _place_single(backend, wanted)
+
+
+def _place_jax(wanted: str | int) -> Placement:
+    import jax
+    import keras
+
+    available = keras.distribution.list_devices("cpu" if wanted == "cpu" else None)
+    if wanted == "cpu":
+        available = available[:1]
+    elif isinstance(wanted, int):
+        if wanted > len(available):
+            raise DeviceError(
+                f"DEVICES={wanted}, but JAX sees {len(available)}: {', '.join(available)}."
+            )
+        available = available[:wanted]
+    if len(available) == 1:
+        platform, _, index = available[0].partition(":")
+        device = jax.devices(platform)[int(index or 0)]
+        return Placement("jax", available, distribution=_OneDevice(device))
+    split = keras.distribution.DataParallel(devices=available)
+    return Placement("jax", available, distribution=split)
+
+
+def _place_single(backend: str, wanted: str | int) -> Placement:
+    """TensorFlow and PyTorch run on one device here: their backend picks it (the first GPU
+    when there is one). Keras's DataParallel is JAX-only, so several devices need JAX."""
+    if isinstance(wanted, int) and wanted > 1:
+        raise DeviceError(
+            f"DEVICES={wanted} splits batches over devices with KERAS_BACKEND=jax; "
+            f"{backend} runs on one device here."
+        )
+    accelerators = _accelerators(backend)
+    if wanted == "cpu" or not accelerators:
+        return Placement(backend, ["cpu:0"])
+    notes = []
+    if len(accelerators) > 1:
+        notes.append(f"{len(accelerators)} visible, 1 used: KERAS_BACKEND=jax uses all")
+    return Placement(backend, [accelerators[0]], notes=notes)
+
+
+def _accelerators(backend: str) -> list[str]:
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return [f"gpu:{i}" for i, _ in enumerate(tf.config.list_physical_devices("GPU"))]
+    if backend == "torch":
+        import torch
+
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return []
+
+
+@dataclass
+class _OneDevice:
+    """Stands in for a distribution on one JAX device: batches are put there, nothing split."""
+
+    device: Any
+
+    def scope(self) -> AbstractContextManager:
+        import jax
+
+        return jax.default_device(self.device)
+
+
+# ----------------------------------------------------------------------------------------------
+# The compiled step
+
+
+class Forward:
+    """`forward(batch)` runs preprocess -> model (-> model on the mirrored batch) on a uint8
+    batch of the compiled shape and returns backend tensors without waiting for them (JAX
+    dispatches asynchronously); `fetch` turns them into float32 NumPy arrays."""
+
+    def __init__(self, model, spec: BackboneSpec, batch_size: int, flip: bool, where: Placement):
+        if batch_size % len(where.devices):
+            raise DeviceError(
+                f"A batch of {batch_size} does not split over {len(where.devices)} devices; "
+                "use Placement.batch_size() to round it."
+            )
+        self.batch_size, self.placement = batch_size, where
+        self.output_shape = tuple(model.output_shape[1:])
+        compute = _compute(model, spec.preprocess_fn(), flip)
+        shape = (batch_size, spec.input_size, spec.input_size, 3)
+        self._step, self._put = _COMPILERS[where.backend](model, compute, shape, where)
+
+    def put(self, batch: np.ndarray) -> Any:
+        """The host batch on the devices (run in the reader thread, so copies overlap work)."""
+        return self._put(batch)
+
+    def __call__(self, batch: Any) -> list[Any]:
+        return self._step(batch)
+
+    @staticmethod
+    def fetch(outputs: list[Any]) -> list[np.ndarray]:
+        import keras
+
+        return [np.asarray(keras.ops.convert_to_numpy(o), np.float32) for o in outputs]
+
+    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        """One batch in, its outputs out, waiting for them."""
+        return self.fetch(self(self.put(batch)))
+
+
+def make_forward(
+    model, spec: BackboneSpec, batch_size: int, flip: bool, where: Placement | None = None
+) -> Forward:
+    """The compiled forward pass of `model` for batches of `batch_size` images at
+    spec.input_size, on `where` (default: the backend's default device)."""
+    return Forward(model, spec, batch_size, flip, where or place("auto"))
+
+
+def _compute(model, preprocess: Callable, flip: bool) -> Callable:
+    """uint8 batch -> float32 outputs, in keras.ops only, so that every backend compiles it."""
+    from keras import ops
+
+    def compute(batch):
+        x = preprocess(ops.cast(batch, "float32"))
+        outputs = [ops.cast(model(x, training=False), "float32")]
+        if flip:
+            mirrored = ops.flip(x, axis=2)
+            outputs.append(ops.cast(model(mirrored, training=False), "float32"))
+        return outputs
+
+    return compute
+
+
+def _compile_jax(model, compute: Callable, shape: tuple, where: Placement):
+    """jax.jit of a stateless call: the weights are arguments, not constants baked into the
+    program, and a batch sharded over several devices makes XLA split the work."""
+    import jax
+    import keras
+
+    variables = model.trainable_variables + model.non_trainable_variables
+
+    def stateless(values, batch):
+        with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+            return compute(batch)
+
+    jitted = jax.jit(stateless)
+    values = [v.value for v in variables]
+    distribution = where.distribution
+    if isinstance(distribution, _OneDevice):
+
+        def put(batch):
+            return jax.device_put(batch, distribution.device)
+    else:
+        layout = distribution.get_data_layout(shape)
+
+        def put(batch):
+            return keras.distribution.distribute_tensor(batch, layout)
+
+    return (lambda batch: jitted(values, batch)), put
+
+
+def _compile_tensorflow(model, compute: Callable, shape: tuple, where: Placement):
+    """A tf.function with a fixed input signature, so it is traced once. XLA stays off: on
+    CPU it compiled slower than it ran (bench/REPORT.md)."""
+    import tensorflow as tf
+
+    step = tf.function(compute, input_signature=[tf.TensorSpec(shape, tf.uint8)])
+    device = "/CPU:0" if where.devices[0].startswith("cpu") else "/GPU:0"
+
+    def put(batch):
+        with tf.device(device):
+            return tf.identity(batch)
+
+    return step, put
+
+
+def _compile_torch(model, compute: Callable, shape: tuple, where: Placement):
+    """Eager PyTorch under no_grad: Keras places tensors on the first GPU when there is one."""
+    import keras
+    import torch
+
+    def step(batch):
+        with torch.no_grad():
+            return compute(batch)
+
+    return step, keras.ops.convert_to_tensor
+
+
+_COMPILERS = {"jax": _compile_jax, "tensorflow": _compile_tensorflow, "torch": _compile_torch}
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading batches and the resumable loop
+
+
+def batch_stream(
+    images: np.ndarray,
+    batch_size: int,
+    start: int = 0,
+    put: Callable[[np.ndarray], Any] = lambda batch: batch,
+    ahead: int = 2,
+) -> Iterator[tuple[int, int, Any]]:
+    """(first row, rows, batch) for rows start.. in batches of `batch_size`, the last one
+    zero-padded so that one compiled step serves every batch. A thread reads (and `put`s)
+    up to `ahead` batches while the caller works on the current one; a plain thread, not
+    tf.data, so that no backend is needed for reading."""
+    read = _RowReader(images)
+
+    def load(first: int) -> Any:
+        rows = min(batch_size, len(images) - first)
+        batch = np.zeros((batch_size, *images.shape[1:]), images.dtype)
+        read(first, batch[:rows])
+        return put(batch)
+
+    firsts = iter(range(start, len(images), batch_size))
+    queue: deque = deque()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches") as reader:
+        try:
+            for first in firsts:
+                queue.append((first, reader.submit(load, first)))
+                if len(queue) > ahead:
+                    yield _ready(queue.popleft(), batch_size, len(images))
+            while queue:
+                yield _ready(queue.popleft(), batch_size, len(images))
+        finally:
+            for _, pending in queue:
+                pending.cancel()
+            reader.shutdown(wait=True)
+            read.close()
+
+
+def _ready(item: tuple, batch_size: int, total: int) -> tuple[int, int, Any]:
+    first, pending = item
+    return first, min(batch_size, total - first), pending.result()
+
+
+class _RowReader:
+    """read(first, out) fills `out` with rows first.. of `images`.
+
+    A whole .npy memory map is read with os.preadv rather than through the map: every page
+    touched through a map stays in this process's resident memory until the map is closed,
+    so peak RSS grew with the data set (make bench's memory section watches this).
+    Anything else (an in-RAM array, a slice of a map) is copied as before.
+    """
+
+    def __init__(self, images: np.ndarray):
+        self.images, self.fd = images, None
+        whole_map = isinstance(images, np.memmap) and isinstance(images.base, mmap.mmap)
+        if whole_map and images.filename and images.flags.c_contiguous:
+            self.fd = os.open(images.filename, os.O_RDONLY)
+
+    def __call__(self, first: int, out: np.ndarray) -> None:
+        if self.fd is None:
+            out[...] = self.images[first : first + len(out)]
+            return
+        view = memoryview(out).cast("B")
+        position = self.images.offset + first * self.images.strides[0]
+        while view:
+            read = os.preadv(self.fd, [view], position)
+            if read == 0:
+                raise EOFError(f"{self.images.filename} ends before row {first + len(out)}")
+            view, position = view[read:], position + read
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def run_forward(
+    images: np.ndarray,
+    forward: Forward,
+    batch_size: int,
+    write: Callable[[int, list[np.ndarray]], None],
+    start: int = 0,
+    desc: str = "",
+    progress: bool = True,
+) -> None:
+    """The resumable loop of every stage that runs a network over the arrays (features, the
+    fine-tuning cache): `forward` on rows start.. in fixed-size batches, then
+    `write(first_row, outputs)` with the padding cut off; `write` records its own resume point.
+    The next batch is dispatched before the last one's outputs are fetched, so that the
+    device never waits for the host to write.
+    """
+    bar = tqdm(total=len(images), initial=start, desc=desc, unit="img", disable=not progress)
+    in_flight = None
+
+    def finish(first: int, rows: int, outputs: list[Any]) -> None:
+        write(first, [output[:rows] for output in forward.fetch(outputs)])
+        bar.update(rows)
+
+    for first, rows, batch in batch_stream(images, batch_size, start, put=forward.put):
+        outputs = forward(batch)
+        if in_flight is not None:
+            finish(*in_flight)
+        in_flight = (first, rows, outputs)
+    if in_flight is not None:
+        finish(*in_flight)
+    bar.close()
