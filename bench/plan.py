@@ -21,6 +21,8 @@ class Plan:
     enlarged: tuple[int, int] | None = (500, 375)  # also on the images enlarged to this size
     batch_size: int = 32
     backbones: tuple[str, ...] = ("resnet50", "efficientnet_lite0")
+    feature_precision: str = "float32"  # of the extraction and its bare forward pass
+    feature_tta: str = "none"  # "flip": both compute the mirrored pass too
     feature_repeats: int = 3  # pipeline-and-bare runs per backbone, best of each counts...
     feature_budget_s: float = 200.0  # ...while this lasts: a slow backbone gets one run
     n_small: int = 1000  # N train images (N/2 test) for memory and growth; then 4N

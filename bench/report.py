@@ -145,10 +145,12 @@ def _section_features(r: dict) -> list[str]:
         "CPU | fixed s | runs: pipeline/bare s"
     )
     return [
-        f"`features.extract` (memmap arrays -> tf.data -> forward -> .h5; batch "
-        f"{r['batch_size']}; {r['weights']} weights), timed as one whole call, against the same "
+        f"`features.extract` (memmap arrays -> reader thread -> forward -> .h5; batch "
+        f"{r['batch_size']}; {r['weights']} weights; {r.get('precision', 'float32')}; TTA "
+        f"{r.get('tta', 'none')}), timed as one whole call, against the same "
         "compiled forward pass (built by the same public calls, `features.build_model` and "
-        "`features.make_forward`) called on one batch already in memory, as many calls as the "
+        "`forward.make_forward`) called on one batch in host memory, copied to the device and "
+        "fetched each call with one call in flight, as many calls as the "
         "extraction makes. Both in one process: half the bare calls before the extraction, half "
         "after, so that a slow drift in the machine's load hits both alike; a fast backbone "
         "gets several such runs (fresh processes) and the best pipeline and best bare time "

@@ -41,6 +41,7 @@ def run(
     out: str | os.PathLike,
     quick: bool = False,
     stages: list[str] | None = None,
+    overrides: dict | None = None,
 ) -> dict:
     """Measure the chosen stages (all by default), write the report to `out`, return results.
 
@@ -51,9 +52,10 @@ def run(
     plan = QUICK if quick else Plan()
     if quick:
         plan = replace(plan, workers=min(plan.workers, 2))
+    plan = replace(plan, **(overrides or {}))
     clock = _Clock()
     meta = {
-        "command": _command(data_dir, out, quick, stages),
+        "command": _command(data_dir, out, quick, stages, overrides or {}),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "data_dir": str(data_dir),
         "images": _count_images(data_dir),
@@ -120,9 +122,17 @@ def _write_atomically(path: Path, text: str) -> None:
 # What the report says about the run, the data and the machine
 
 
-def _command(data_dir: Path, out: Path, quick: bool, stages: list[str] | None) -> str:
+def _command(
+    data_dir: Path, out: Path, quick: bool, stages: list[str] | None, overrides: dict
+) -> str:
     command = f"python bench/run.py --data-dir {data_dir} --out {out}"
     command += " --quick" * quick + (f" --stages {' '.join(stages)}" if stages else "")
+    flags = {"feature_precision": "precision", "feature_tta": "tta"}
+    for name, value in overrides.items():
+        shown = " ".join(value) if isinstance(value, tuple) else value
+        command += f" --{flags.get(name, name).replace('_', '-')} {shown}"
+    backend = os.environ.get("KERAS_BACKEND")
+    command = (f"KERAS_BACKEND={backend} " if backend else "") + command
     return ("make bench: " if os.environ.get("MAKELEVEL") else "") + command
 
 
@@ -154,8 +164,11 @@ def _machine() -> dict[str, str]:
 
 def _versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
+    versions["KERAS_BACKEND"] = os.environ.get("KERAS_BACKEND", "tensorflow")
     for package in (
         "tensorflow",
+        "jax",
+        "jaxlib",
         "keras",
         "numpy",
         "opencv-python-headless",
@@ -187,13 +200,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--stages", nargs="*", default=None, help=f"subset of: {', '.join(STAGES)}"
     )
+    features = parser.add_argument_group("feature extraction (defaults: the plan's)")
+    features.add_argument("--backbones", nargs="+", help="backbones to extract with")
+    features.add_argument("--batch-size", type=int, help="extraction batch")
+    features.add_argument("--precision", choices=config.PRECISIONS, help="compute precision")
+    features.add_argument("--tta", choices=config.TTAS, help="flip: the mirrored pass too")
+    features.add_argument("--feature-repeats", type=int, help="pipeline-and-bare runs each")
     return parser.parse_args(argv)
+
+
+def plan_overrides(args: argparse.Namespace) -> dict:
+    """The Plan fields the command line sets (an accelerator wants larger batches, say)."""
+    given = {
+        "backbones": tuple(args.backbones) if args.backbones else None,
+        "batch_size": args.batch_size,
+        "feature_precision": args.precision,
+        "feature_tta": args.tta,
+        "feature_repeats": args.feature_repeats,
+    }
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        run(args.data_dir, args.out, quick=args.quick, stages=args.stages)
+        run(
+            args.data_dir,
+            args.out,
+            quick=args.quick,
+            stages=args.stages,
+            overrides=plan_overrides(args),
+        )
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)  # a failed stage's report is written already
         return 2

@@ -158,6 +158,8 @@ def _feature_runs(ctx: Context, backbone: str, arrays_dir: Path) -> list[dict]:
                 weights="random",
                 batch_size=ctx.plan.batch_size,
                 out=str(out),
+                precision=ctx.plan.feature_precision,
+                tta=ctx.plan.feature_tta,
             )
         )
         out.unlink(missing_ok=True)
@@ -188,7 +190,13 @@ def measure_features(ctx: Context) -> dict:
             "cpu_ratio": best["bare_cpu_s"] / best["pipeline_cpu_s"],
         }
         print(f"  {backbone}: pipeline/bare = {rows[backbone]['ratio']:.3f}", flush=True)
-    return {"batch_size": ctx.plan.batch_size, "weights": "random", "backbones": rows}
+    return {
+        "batch_size": ctx.plan.batch_size,
+        "weights": "random",
+        "precision": ctx.plan.feature_precision,
+        "tta": ctx.plan.feature_tta,
+        "backbones": rows,
+    }
 
 
 # ---------------------------------------------------------------------------------------------

@@ -186,51 +186,72 @@ def task_seeds_loop(data_dir: str, size: int) -> dict:
 
 
 def _forward_setup(
-    backbone: str, weights: str, precision: str, batch_size: int, arrays_dir: str
-) -> tuple[Callable, object]:
-    """The compiled forward pass `extract` builds (the same public calls), and one real batch
-    already in memory."""
+    backbone: str,
+    weights: str,
+    precision: str,
+    batch_size: int,
+    arrays_dir: str,
+    tta: str = "none",
+) -> tuple[object, object]:
+    """The compiled forward pass `extract` builds (the same public calls, on the same
+    devices), and one real batch in host memory, as the reader hands it over."""
     import numpy as np
-    import tensorflow as tf
 
-    from dogscats import arrays, features
+    from dogscats import arrays, features, forward
     from dogscats.backbones import get_backbone
 
     spec = get_backbone(backbone)
-    model = features.build_model(spec, weights, None, precision)
-    forward = features.make_forward(model, spec, batch_size, flip=False)
+    where = forward.place(os.environ.get("DEVICES", "auto"))
+    with where.scope():
+        model = features.build_model(spec, weights, None, precision)
+    step = forward.make_forward(model, spec, batch_size, flip=(tta == "flip"), where=where)
     images, _ = arrays.load_split(arrays_dir, "train")
     batch = np.zeros((batch_size, *images.shape[1:]), np.uint8)
     rows = min(batch_size, len(images))
     batch[:rows] = images[:rows]
-    batch = tf.constant(batch)
-    _time_forward(forward, batch, 2)  # trace and warm up: not part of the bare figure
-    return forward, batch
+    _time_forward(step, batch, 2)  # compile and warm up: not part of the bare figure
+    return step, batch
 
 
-def _fixed_cost(backbone: str, weights: str, batch_size: int, batch: object) -> float:
-    """Seconds to build the model again and trace its forward pass, as `extract` does before
+def _fixed_cost(
+    backbone: str, weights: str, precision: str, batch_size: int, batch: object, tta: str
+) -> float:
+    """Seconds to build the model again and compile its forward pass, as `extract` does before
     its first batch (file opening aside). Timed on a second build in a process that has built
     one already, as `extract`'s is here: the first pays one-off start-up costs besides."""
-    from dogscats import features
+    from dogscats import features, forward
     from dogscats.backbones import get_backbone
 
     spec = get_backbone(backbone)
     start = time.perf_counter()
-    model = features.build_model(spec, weights, None, "float32")
-    forward = features.make_forward(model, spec, batch_size, flip=False)
+    where = forward.place(os.environ.get("DEVICES", "auto"))
+    with where.scope():
+        model = features.build_model(spec, weights, None, precision)
+    step = forward.make_forward(model, spec, batch_size, flip=(tta == "flip"), where=where)
     build_s = time.perf_counter() - start
-    first, warm = _time_forward(forward, batch, 2)
+    first, warm = _time_forward(step, batch, 2, in_flight=False)
     return build_s + max(first - warm, 0.0)
 
 
-def _time_forward(forward: Callable, batch: object, calls: int) -> list[float]:
-    """Seconds of each of `calls` forward passes, each result fetched as extract() does."""
-    times = []
+def _time_forward(step, batch: object, calls: int, in_flight: bool = True) -> list[float]:
+    """Seconds per call of `calls` forward passes on a host batch: copied to the devices,
+    computed and fetched, as extract() does but with no disk or file in the way. With
+    `in_flight`, the next call is dispatched before the last one is fetched, as in
+    run_forward; each figure is then the time between two fetches."""
+    times: list[float] = []
+    start, pending = time.perf_counter(), None
     for _ in range(calls):
-        start = time.perf_counter()
-        for output in forward(batch):
-            output.numpy()
+        outputs = step(step.put(batch))
+        if in_flight:  # fetch the previous call's outputs instead
+            outputs, pending = pending, outputs
+            if outputs is None:
+                continue
+        step.fetch(outputs)
+        now = time.perf_counter()
+        times.append(now - start)
+        start = now
+    if pending is not None:
+        step.fetch(pending)
         times.append(time.perf_counter() - start)
     return times
 
@@ -261,14 +282,21 @@ def _timed_extract(**kwargs: object) -> dict[str, float]:
 
 
 def task_features(
-    data_dir: str, arrays_dir: str, backbone: str, weights: str, batch_size: int, out: str
+    data_dir: str,
+    arrays_dir: str,
+    backbone: str,
+    weights: str,
+    batch_size: int,
+    out: str,
+    precision: str = "float32",
+    tta: str = "none",
 ) -> dict:
     """extract() end to end between two halves of the bare forward pass, so that a slow drift
     in the machine's load hits both alike. CPU seconds (all threads of the process) resist
     load altogether."""
     images, calls = _forward_calls(arrays_dir, batch_size)
-    forward, batch = _forward_setup(backbone, weights, "float32", batch_size, arrays_dir)
-    fixed_s = _fixed_cost(backbone, weights, batch_size, batch)
+    forward, batch = _forward_setup(backbone, weights, precision, batch_size, arrays_dir, tta)
+    fixed_s = _fixed_cost(backbone, weights, precision, batch_size, batch, tta)
     cpu = time.process_time()
     bare = _time_forward(forward, batch, calls // 2)
     bare_cpu = time.process_time() - cpu
@@ -279,6 +307,9 @@ def task_features(
         batch_size=batch_size,
         arrays_dir=arrays_dir,
         out=out,
+        precision=precision,
+        tta=tta,
+        devices=os.environ.get("DEVICES", "auto"),
     )
     cpu = time.process_time()
     bare += _time_forward(forward, batch, calls - calls // 2)

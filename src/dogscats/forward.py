@@ -255,18 +255,23 @@ _COMPILERS = {"jax": _compile_jax, "tensorflow": _compile_tensorflow, "torch": _
 # ----------------------------------------------------------------------------------------------
 # Reading batches and the resumable loop
 
+READERS = min(3, os.cpu_count() or 1)  # batches read ahead, each by its own thread
+
 
 def batch_stream(
     images: np.ndarray,
     batch_size: int,
     start: int = 0,
     put: Callable[[np.ndarray], Any] = lambda batch: batch,
-    ahead: int = 2,
+    ahead: int = READERS,
 ) -> Iterator[tuple[int, int, Any]]:
     """(first row, rows, batch) for rows start.. in batches of `batch_size`, the last one
-    zero-padded so that one compiled step serves every batch. A thread reads (and `put`s)
-    up to `ahead` batches while the caller works on the current one; a plain thread, not
-    tf.data, so that no backend is needed for reading."""
+    zero-padded so that one compiled step serves every batch, in order. Reader threads read
+    (and `put`) up to `ahead` batches while the caller works on the current one: plain
+    threads, not tf.data, so that reading needs no backend. Several, because filling a fresh
+    batch costs page faults and a copy to the device besides the read, and a fast
+    accelerator finishes a batch sooner than one thread does that (pread, the copies and
+    the faults all run outside the GIL)."""
     read = _RowReader(images)
 
     def load(first: int) -> Any:
@@ -277,7 +282,7 @@ def batch_stream(
 
     firsts = iter(range(start, len(images), batch_size))
     queue: deque = deque()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches") as reader:
+    with ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="batches") as reader:
         try:
             for first in firsts:
                 queue.append((first, reader.submit(load, first)))
