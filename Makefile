@@ -134,8 +134,9 @@ BENCH_DATA ?= ../shared/data/dogs-vs-cats-sample
 bench: | $(SETUP) ## speed and memory against bare loops: writes bench/REPORT.md
 	$(PY) bench/run.py --data-dir '$(BENCH_DATA)' --out bench/REPORT.md
 
-test: | $(SETUP) ## the whole test suite
+test: | $(SETUP) ## the whole test suite, then its backend tests again under JAX on two devices
 	$(PY) -m pytest
+	KERAS_BACKEND=jax XLA_FLAGS=--xla_force_host_platform_device_count=2 $(PY) -m pytest -m backend
 
 lint: | $(SETUP) ## ruff
 	$(VENV)/bin/ruff check src tests scripts bench

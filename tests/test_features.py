@@ -11,6 +11,8 @@ from dogscats import arrays, features
 from dogscats.backbones import build_backbone, get_backbone
 from dogscats.forward import Forward, make_forward
 
+pytestmark = pytest.mark.backend  # make test runs these under JAX too
+
 
 @pytest.fixture
 def arrays_224(kaggle_dataset, tmp_path):
