@@ -37,6 +37,11 @@ class EpochScalars(keras.callbacks.Callback):
 
 
 def tensorboard(log_dir: Path) -> keras.callbacks.Callback:
+    """Event files for TensorBoard. They are written through TensorFlow; without it (JAX or
+    PyTorch alone, as on an accelerator machine) there are none, and history.csv holds the
+    same numbers."""
+    if importlib.util.find_spec("tensorflow") is None:
+        return keras.callbacks.Callback()
     if importlib.util.find_spec("tensorboard") is not None:
         return keras.callbacks.TensorBoard(log_dir=str(log_dir), write_graph=False)
     return EpochScalars(log_dir)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
+import keras
 import numpy as np
 
 
@@ -21,18 +21,56 @@ class Source:
     def item_shape(self) -> tuple[int, ...]:
         return tuple(self.train.shape[2:] if self.cached else self.train.shape[1:])
 
-    def views(self, split: str, rows: np.ndarray, both: bool, rng) -> np.ndarray:
-        """(batch, 1 or 2 views, ...) float32: both views for TTA, else one for training."""
+    def views(
+        self, split: str, rows: np.ndarray, both: bool, pick: np.ndarray | None = None
+    ) -> np.ndarray:
+        """(batch, 1 or 2 views, ...) float32: both views for TTA, else one for training
+        (of cached maps, view `pick[i]` of row i: 0 plain, 1 mirrored)."""
         data = self.train if split == "train" else self.test
         if self.cached:
             if both:
                 return np.asarray(data[rows], np.float32)
-            pick = rng.integers(0, 2, len(rows))  # plain or mirrored, drawn anew each epoch
             return np.asarray(data[rows, pick], np.float32)[:, None]
         images = np.asarray(data[rows], np.float32)
         if both:
             return np.stack([images, images[:, :, ::-1]], axis=1)
         return images[:, None]  # random flips come from the augmentation layers
+
+
+class Batches(keras.utils.PyDataset):
+    """Batches over the memory maps for Keras on any backend: shuffled single views for
+    training (a new order and new views each epoch), both views otherwise.
+
+    Each epoch's order and views are drawn at its start, so a batch depends only on the epoch
+    and its index: Keras may read a batch more than once (on TensorFlow it reads the first
+    two to learn their shapes) without changing what training sees.
+    """
+
+    def __init__(self, source, split, rows, labels, batch_size: int, training: bool, rng):
+        super().__init__(workers=1, use_multiprocessing=False)
+        self.source, self.split, self.rows, self.labels = source, split, rows, labels
+        self.batch_size, self.training, self.rng = batch_size, training, rng
+        self.order, self.pick = rows, None
+        self._draw()
+
+    def _draw(self) -> None:
+        if self.training:
+            self.order = self.rng.permutation(self.rows)
+            self.pick = self.rng.integers(0, 2, len(self.rows))
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.rows) / self.batch_size)
+
+    def __getitem__(self, index: int):
+        span = slice(index * self.batch_size, (index + 1) * self.batch_size)
+        sort = np.argsort(self.order[span])  # sorted rows: sequential disk reads
+        rows = self.order[span][sort]
+        pick = None if self.pick is None else self.pick[span][sort]
+        x = self.source.views(self.split, rows, both=not self.training, pick=pick)
+        return (x,) if self.labels is None else (x, self.labels[rows, None].astype(np.float32))
+
+    def on_epoch_end(self) -> None:
+        self._draw()
 
 
 def make_dataset(
@@ -43,19 +81,6 @@ def make_dataset(
     batch_size: int,
     training: bool,
     rng: np.random.Generator,
-):
-    """tf.data over the memory maps: shuffled single views for training, both views otherwise."""
-    import tensorflow as tf
-
-    def batches() -> Iterator:
-        order = rng.permutation(rows) if training else rows
-        for start in range(0, len(order), batch_size):
-            batch = np.sort(order[start : start + batch_size])  # sorted: sequential disk reads
-            x = source.views(split, batch, both=not training, rng=rng)
-            yield x if labels is None else (x, labels[batch, None].astype(np.float32))
-
-    x_spec = tf.TensorSpec((None, 1 if training else 2, *source.item_shape), tf.float32)
-    spec = x_spec if labels is None else (x_spec, tf.TensorSpec((None, 1), tf.float32))
-    dataset = tf.data.Dataset.from_generator(batches, output_signature=spec)
-    count = math.ceil(len(rows) / batch_size)
-    return dataset.apply(tf.data.experimental.assert_cardinality(count)).prefetch(2)
+) -> Batches:
+    """What `fit`, `evaluate` and `predict` read: see Batches."""
+    return Batches(source, split, rows, labels, batch_size, training, rng)
