@@ -160,8 +160,9 @@ def test_gallery_and_list_hold_exactly_the_top_k_out_of_fold_losses(dataset, tmp
 
 
 def test_the_page_is_self_contained(dataset, tmp_path):
-    data_dir, _ = dataset
-    html = report.write_report(data_dir, tmp_path / "index.html", k=K, log=print).read_text()
+    data_dir, run_dirs = dataset
+    out = tmp_path / "index.html"
+    html = report.write_report(data_dir, out, run=run_dirs[0].name, k=K, log=print).read_text()
     sources = re.findall(r'(?:src|href)="([^"]*)"', html)
     assert sources and all(s.startswith("data:image/") for s in sources)
     assert "http://" not in html and "https://" not in html and "<script" not in html

@@ -58,13 +58,13 @@ def calibration(y: np.ndarray, p: np.ndarray, bins: int = 10) -> str:
             f"{n}",
             (x, s),
             textcoords="offset points",
-            xytext=(0, 7),
+            xytext=(0, 9),
             ha="center",
             fontsize=FONT - 2,
             color="#444",
         )
-    ax.set_xlim(-0.02, 1.02)
-    ax.set_ylim(-0.05, 1.1)
+    ax.set_xlim(-0.06, 1.06)
+    ax.set_ylim(-0.08, 1.14)
     ax.legend(fontsize=FONT - 1, loc="lower right", frameon=False)
     _style(
         ax,
@@ -86,6 +86,7 @@ def loss_histogram(losses: np.ndarray) -> str:
     ax.set_yscale("log")
     ax.axvline(losses.mean(), color=GOLD, lw=2, label=f"mean = log loss {losses.mean():.4f}")
     ax.axvline(np.log(2), color=GREY, lw=1, ls="--", label="wrong side of 0.5 (ln 2)")
+    ax.set_ylim(0.7, ax.get_ylim()[1] * 12)  # headroom: the legend sits above the bars
     ax.legend(fontsize=FONT - 1, frameon=False, loc="upper left")
     _style(ax, "Per-image out-of-fold log loss", "log loss of one image", "images")
     return data_uri(figure)
@@ -122,28 +123,39 @@ def finetune_curves(histories: dict[int, pd.DataFrame]) -> str:
 
 def comparison(rows: list[RunRow]) -> str:
     """Out-of-fold log loss of every run with its spread over folds, best at the top."""
-    height = 1.2 + 0.42 * len(rows)
+    height = 1.4 + 0.42 * len(rows)
     figure = _figure((PANEL[0] * 2, height))
     ax = figure.add_subplot()
-    ordered = rows[::-1]  # barh draws bottom-up; the best run goes on top
+    ordered = rows[::-1]  # y = 0 is the bottom row; the best run goes on top
     y = np.arange(len(ordered))
     losses = [row.log_loss for row in ordered]
     spread = [row.log_loss_std for row in ordered]
-    ax.errorbar(losses, y, xerr=spread, fmt="o", color=BLUE, ecolor=GREY, capsize=4)
-    tested = [
-        (i, row.test_log_loss) for i, row in enumerate(ordered) if row.test_log_loss is not None
-    ]
+    ax.errorbar(
+        losses,
+        y,
+        xerr=spread,
+        fmt="o",
+        color=BLUE,
+        ecolor=GREY,
+        capsize=4,
+        label="out-of-fold log loss ± std over folds",
+    )
+    tested = [(i, row.test_log_loss) for i, row in enumerate(ordered)]
+    tested = [(i, loss) for i, loss in tested if loss is not None]
     if tested:
         ax.plot(
-            [t for _, t in tested],
+            [loss for _, loss in tested],
             [i for i, _ in tested],
             "D",
             color=GOLD,
             label="test log loss (LABELS)",
         )
-        ax.legend(fontsize=FONT - 1, frameon=False, loc="lower right")
-    ax.set_yticks(y, [row.label for row in ordered], fontsize=FONT)
+    figure.legend(fontsize=FONT - 1, frameon=False, loc="outside upper right", ncols=2)
+    short = [row.label for row in ordered]
+    # Runs that differ only in what the short label leaves out are shown by their full names.
+    names = [row.name if short.count(label) > 1 else label for row, label in zip(ordered, short)]
+    ax.set_yticks(y, names, fontsize=FONT)
     ax.set_ylim(-0.6, len(ordered) - 0.4)
-    _style(ax, "Backbones and heads: out-of-fold log loss ± std over folds", "log loss", "")
+    _style(ax, "", "log loss (lower is better)", "")
     ax.grid(axis="y", alpha=0)
     return data_uri(figure)

@@ -91,7 +91,7 @@ def train_tiles(wrong: pd.DataFrame, thumbs: Thumbnails) -> list[Tile]:
             id=row.id,
             image=thumbs.uri(row.id),
             caption=[
-                f"label {_animal(row.label)}",
+                f"labelled {_animal(row.label)}",
                 f"P(dog) {row.pred:.3f}",
                 f"loss {row.loss:.2f}",
             ],

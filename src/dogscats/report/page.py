@@ -6,9 +6,12 @@ few images and two grids, and a template engine would be one more dependency for
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from html import escape
+from pathlib import Path
 
+from dogscats import config
 from dogscats.report.gallery import Tile
 from dogscats.report.table import RunRow
 
@@ -26,8 +29,9 @@ th, td { padding: 6px 9px; border-bottom: 1px solid #e4e4e4; text-align: left;
          vertical-align: top; }
 th { background: #f0f0f0; position: sticky; top: 0; font-weight: 600; white-space: nowrap; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-td.run code { color: #555; overflow-wrap: anywhere; }
-tr.picked { background: #fff6dc; }
+tbody.run tr:first-child td { border-bottom: 0; padding-bottom: 1px; }
+tr.names td { color: #666; font-size: 13px; padding-top: 0; overflow-wrap: anywhere; }
+tbody.picked { background: #fff6dc; }
 .sd { color: #777; font-size: 13px; }
 .figures { display: grid; grid-template-columns: repeat(auto-fit, minmax(560px, 1fr));
            gap: 12px; }
@@ -66,6 +70,14 @@ class Page:
     notes: list[str] = field(default_factory=list)
 
 
+def shown_path(path: str | os.PathLike) -> str:
+    """A path as make prints it: relative to the project when under it."""
+    absolute = Path(os.path.abspath(path))
+    if absolute.is_relative_to(config.PROJECT_ROOT):
+        return str(absolute.relative_to(config.PROJECT_ROOT))
+    return str(path)
+
+
 def _breakable(name: str) -> str:
     """A run name that may wrap after its `+` and `__` separators."""
     return escape(name).replace("+", "+<wbr>").replace("__", "<wbr>__")
@@ -88,33 +100,34 @@ def _wall(seconds: float | None) -> str:
 
 
 def _table(page: Page) -> str:
+    """One row of numbers per run, and under it a line with its long names (run folder for
+    RUN=, submission file), so that no column has to be wide enough for them."""
     head = (
-        "<tr><th>#</th><th>run (<code>RUN=</code>)</th><th>backbones</th><th>head</th>"
-        "<th>TTA</th><th>folds</th><th>OOF log loss ± folds</th><th>OOF accuracy ± folds</th>"
-        "<th>clip</th><th>test log loss</th><th>test accuracy</th><th>wall</th>"
-        "<th>submission</th></tr>"
+        "<thead><tr><th>#</th><th>backbones</th><th>head</th><th>TTA</th><th>folds</th>"
+        "<th>OOF log loss ± folds</th><th>OOF accuracy ± folds</th><th>clip</th>"
+        "<th>test log loss</th><th>test accuracy</th><th>wall (m:s)</th></tr></thead>"
     )
     body = []
     for rank, row in enumerate(page.rows, 1):
-        picked = ' class="picked"' if row is page.picked else ""
+        picked = " picked" if row is page.picked else ""
         submission = (
-            f'<code title="{escape(str(row.submission))}">{escape(row.submission.name)}</code>'
+            f"submission <code>{escape(shown_path(row.submission))}</code>"
             if row.submission is not None
-            else '<span class="sd">none yet</span>'
+            else "no submission yet"
         )
         body.append(
-            f"<tr{picked}><td class=num>{rank}</td>"
-            f'<td class="run"><code>{_breakable(row.name)}</code></td>'
-            f"<td>{'<br>'.join(escape(b) for b in row.backbones)}</td>"
+            f'<tbody class="run{picked}"><tr><td class="num">{rank}</td>'
+            f"<td>{' + '.join(escape(b) for b in row.backbones)}</td>"
             f"<td>{escape(row.head)}</td><td>{escape(row.tta)}</td>"
             f'<td class="num">{row.folds}</td>'
             + _num(row.log_loss, 5, row.log_loss_std)
             + _num(row.accuracy, 4, row.accuracy_std)
-            + (_num(row.clip, 4) if row.clip is not None else '<td class="num">—</td>')
+            + _num(row.clip, 4)
             + _num(row.test_log_loss, 5)
             + _num(row.test_accuracy, 4)
             + _wall(row.wall_s)
-            + f"<td>{submission}</td></tr>"
+            + '</tr><tr class="names"><td></td><td colspan="10">'
+            f"<code>RUN={_breakable(row.name)}</code> · {submission}</td></tr></tbody>"
         )
     return f'<div class="scroll"><table>{head}{"".join(body)}</table></div>'
 
@@ -175,11 +188,18 @@ file. The highlighted run is the one shown below.</p>
 <h2>Most wrong: the {len(page.wrong)} train images with the highest out-of-fold loss</h2>
 <p class="note">Red frame: the prediction is on the wrong side of 0.5. Mislabelled photos and
 photos of neither a cat nor a dog stand out here. Their file names are in
-<code>{escape(page.exclude_file)}</code> (EXCLUDE format): delete the lines of the correctly
+<code>{
+        escape(shown_path(page.exclude_file))
+    }</code> (EXCLUDE format): delete the lines of the correctly
 labelled ones, then pass it as <code>EXCLUDE=</code>.</p>
 {arrays_note}
 {_tiles(page.wrong)}
 <h2>Least certain: the {len(page.unsure)} test images with P(dog) closest to 0.5</h2>
+<p class="note">{
+        "Red frame: on the wrong side of 0.5 by the labels file."
+        if page.labels
+        else "Give LABELS= to see their true labels."
+    }</p>
 {_tiles(page.unsure)}
 </main></body></html>
 """
