@@ -83,7 +83,7 @@ def dataset(tmp_path_factory):
 
 def table_rows(html: str) -> list[str]:
     body = html.split("<table>", 1)[1].split("</table>", 1)[0]
-    return re.findall(r"(<tr[^>]*>.*?)</tr>", body)[1:]  # after the header
+    return re.findall(r"(<tbody[^>]*>.*?)</tbody>", body)  # one per run: numbers, then names
 
 
 def section(html: str, title: str) -> str:
@@ -105,7 +105,7 @@ def test_the_table_lists_every_run_with_its_numbers_best_first(dataset, tmp_path
     assert len(rows) == 3
     for row_html, run in zip(rows, expected):
         name = run.path.name
-        run_cell = re.search(r'<td class="run"><code>(.*?)</code>', row_html).group(1)
+        run_cell = re.search(r"<code>RUN=(.*?)</code>", row_html).group(1)
         assert run_cell.replace("<wbr>", "") == name
         folds = [s["log_loss"] for s in run.metrics["fold_scores"]]
         assert f'{run.metrics["log_loss"]:.5f} <span class="sd">± {np.std(folds):.5f}' in row_html
@@ -116,11 +116,11 @@ def test_the_table_lists_every_run_with_its_numbers_best_first(dataset, tmp_path
             assert f">{scored['log_loss']:.5f}<" in row_html
             assert f">{scored['accuracy']:.4f}<" in row_html
             clip = submission.choose_clip(run.oof["label"], run.oof["pred"])
-            assert f">{clip:.4f}<" in row_html and f">{csv.name}<" in row_html
+            assert f">{clip:.4f}<" in row_html and f"/{csv.name}</code>" in row_html
             assert ">1:15<" in row_html  # wall time
         else:
-            assert "none yet" in row_html
-    assert "<td>efficientnet_lite0<br>resnet50</td>" in "".join(rows)
+            assert "no submission yet" in row_html
+    assert "<td>efficientnet_lite0 + resnet50</td>" in "".join(rows)
 
 
 def test_test_log_loss_is_the_score_functions(dataset):
@@ -156,7 +156,9 @@ def test_gallery_and_list_hold_exactly_the_top_k_out_of_fold_losses(dataset, tmp
     test = runs.read_run(run_dirs[1]).test
     closest = test["id"].to_numpy()[np.argsort(np.abs(test["pred"] - 0.5))[:K]].tolist()
     assert tile_ids(section(html, "Least certain")) == closest
-    assert 'class="picked"' in [r for r in table_rows(html) if name in r.replace("<wbr>", "")][0]
+    assert (
+        'class="run picked"' in [r for r in table_rows(html) if name in r.replace("<wbr>", "")][0]
+    )
 
 
 def test_the_page_is_self_contained(dataset, tmp_path):
