@@ -102,20 +102,24 @@ def test_histogram(p: np.ndarray) -> str:
     return data_uri(figure)
 
 
-def finetune_curves(histories: dict[int, pd.DataFrame]) -> str:
-    """Training (dashed) and validation (solid) loss per epoch, one colour per fold."""
+def finetune_curves(histories: dict[int, pd.DataFrame], to_beat: dict[int, float]) -> str:
+    """Training (dashed) and validation (solid) loss per epoch, one colour per fold; dotted:
+    the fold's head on the same validation rows, the loss fine-tuning has to beat."""
     figure = _figure((PANEL[0] * 2, PANEL[1]))
     ax = figure.add_subplot()
-    colours = [f"C{i}" for i in range(10)]
     for fold, history in sorted(histories.items()):
         epoch = history["epoch"].to_numpy() + 1
-        colour = colours[fold % len(colours)]
+        colour = f"C{fold % 10}"
         if "loss" in history:
             ax.plot(epoch, history["loss"], ls="--", color=colour, alpha=0.8)
         ax.plot(epoch, history["val_loss"], "o-", color=colour, label=f"fold {fold}")
+        if fold in to_beat:
+            ax.hlines(to_beat[fold], epoch.min(), epoch.max(), colors=colour, ls=":", lw=1.5)
     ax.plot([], [], ls="--", color=GREY, label="training loss")
     ax.plot([], [], "o-", color=GREY, label="validation loss")
-    ax.legend(fontsize=FONT - 1, frameon=False, ncols=2, loc="upper right")
+    if to_beat:
+        ax.plot([], [], ls=":", color=GREY, label="head (to beat)")
+    figure.legend(fontsize=FONT - 1, frameon=False, loc="outside right upper")
     ax.xaxis.get_major_locator().set_params(integer=True)
     _style(ax, "Fine-tuning, per fold", "epoch", "log loss")
     return data_uri(figure)

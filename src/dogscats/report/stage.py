@@ -67,7 +67,12 @@ def write_report(
             figures.test_histogram(result.test["pred"].to_numpy()),
         ]
         histories = result.histories()
-        curves = figures.finetune_curves(histories) if histories else None
+        # The fold's head on the early-stopping rows (fine-tuning's fold_scores record it).
+        scores = result.metrics.get("fold_scores", [])
+        to_beat = {
+            i: s["stop_head_log_loss"] for i, s in enumerate(scores) if "stop_head_log_loss" in s
+        }
+        curves = figures.finetune_curves(histories, to_beat) if histories else None
         bar.update(1)
         comparison = figures.comparison(rows)
         bar.update(1)
