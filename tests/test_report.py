@@ -178,7 +178,7 @@ def test_a_fine_tuning_run_shows_its_curves(dataset, tmp_path):
         data_dir, tmp_path / "index.html", run=run_dirs[2].name, k=K, log=print
     ).read_text()
     assert "Fine-tuning curves" in html and html.count("data:image/png;base64,") == 5
-    assert "fine-tune 1 block(s), aug flip" in html
+    assert "<td>fine-tune 1 block</td>" in html
 
 
 def test_bad_choices_are_one_clear_line(dataset, tmp_path, capsys):

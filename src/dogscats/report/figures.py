@@ -19,6 +19,7 @@ from dogscats.report.table import RunRow
 DPI = 110
 FONT = 10.5  # points; the PNGs are shown at their own size, so this is the size on screen
 PANEL = (5.6, 3.9)  # inches: two panels side by side fit a 1366-pixel laptop screen
+FLOOR = 1e-7  # per-image losses below this share the first bar of the loss histogram
 GOLD, BLUE, GREY = "#d08c00", "#2a6fb0", "#888888"
 
 
@@ -79,7 +80,7 @@ def loss_histogram(losses: np.ndarray) -> str:
     """Per-image out-of-fold log loss on a log axis: the bulk near 0 and the few costly ones."""
     figure = _figure()
     ax = figure.add_subplot()
-    low = max(float(losses.min()), 1e-7)
+    low = max(float(losses.min()), FLOOR)
     edges = np.geomspace(low, max(float(losses.max()), low * 10), 40)
     ax.hist(np.clip(losses, low, None), bins=edges, color=BLUE)
     ax.set_xscale("log")
@@ -88,7 +89,12 @@ def loss_histogram(losses: np.ndarray) -> str:
     ax.axvline(np.log(2), color=GREY, lw=1, ls="--", label="wrong side of 0.5 (ln 2)")
     ax.set_ylim(0.7, ax.get_ylim()[1] * 12)  # headroom: the legend sits above the bars
     ax.legend(fontsize=FONT - 1, frameon=False, loc="upper left")
-    _style(ax, "Per-image out-of-fold log loss", "log loss of one image", "images")
+    _style(
+        ax,
+        "Per-image out-of-fold log loss",
+        "log loss of one image (below 1e-7: first bar)",
+        "images",
+    )
     return data_uri(figure)
 
 
@@ -121,7 +127,7 @@ def finetune_curves(histories: dict[int, pd.DataFrame], to_beat: dict[int, float
         ax.plot([], [], ls=":", color=GREY, label="head (to beat)")
     figure.legend(fontsize=FONT - 1, frameon=False, loc="outside right upper")
     ax.xaxis.get_major_locator().set_params(integer=True)
-    _style(ax, "Fine-tuning, per fold", "epoch", "log loss")
+    _style(ax, "Loss per epoch, one colour per fold", "epoch", "log loss")
     return data_uri(figure)
 
 

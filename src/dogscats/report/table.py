@@ -46,8 +46,9 @@ class RunRow:
 def _describe(metrics: dict) -> tuple[list[str], str]:
     """Backbones and head of a run, from what its stage recorded."""
     if metrics.get("head") == "finetune":
-        blocks, augment = metrics.get("blocks"), metrics.get("augment")
-        return [metrics["backbone"]], f"fine-tune {blocks} block(s), aug {augment}"
+        blocks, augment = int(metrics.get("blocks", 1)), metrics.get("augment", "flip")
+        head = f"fine-tune {blocks} block" + ("s" if blocks != 1 else "")
+        return [metrics["backbone"]], head + ("" if augment == "flip" else f", aug {augment}")
     return [config.feature_backbone(f) for f in metrics.get("feature_files", [])], metrics["head"]
 
 
