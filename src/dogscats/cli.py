@@ -235,7 +235,7 @@ def _report_args(p):
     _data_dir(p)
     p.add_argument("--out", help="the page; default reports/<dataset>/index.html")
     p.add_argument("--run", help="run folder (name or path) shown in detail; default the best")
-    p.add_argument("--k", type=int, default=48, help="images per gallery")
+    p.add_argument("--k", type=int, default=config.REPORT_IMAGES, help="images per gallery")
     p.add_argument("--labels", help="id,label file of the test labels: adds test scores")
 
 

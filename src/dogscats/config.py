@@ -27,6 +27,7 @@ TTAS = ("none", "flip")
 PRECISIONS = ("float32", "bfloat16")
 WEIGHT_MODES = ("imagenet", "random")  # or the path of a weights file
 AUGMENTS = ("flip", "full")
+REPORT_IMAGES = 48  # make report's K: thumbnails per gallery
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from dogscats import config, runs, store, submission
 from dogscats.report import figures, gallery, page, table
 
-K = 48  # thumbnails per gallery (make's K)
+K = config.REPORT_IMAGES  # thumbnails per gallery (make's K)
 
 
 def _check_labels(labels: str | os.PathLike | None) -> dict[str, int]:
