@@ -30,6 +30,8 @@ FT_LR ?=
 FT_BATCH ?=
 FT_PATIENCE ?=
 FT_DROPOUT ?=
+RUN ?=
+K ?= 48
 
 PY := $(VENV)/bin/python
 CLI := $(PY) -m dogscats.cli
@@ -55,7 +57,7 @@ SUBMISSION ?= $(SUBMISSION_FILE)
 LABELS ?= $(DATA_DIR)/test_labels.csv
 
 .PHONY: help setup data preprocess features train finetune submission score backbones bench test \
-	lint clean \
+	lint clean report \
 	check-plan
 
 help: ## list targets and variables
@@ -129,6 +131,13 @@ endif
 
 score: | $(SETUP) ## log loss and accuracy of SUBMISSION against LABELS (id,label)
 	@$(CLI) score --submission '$(SUBMISSION)' --labels '$(LABELS)'
+
+# The report scores test predictions only with a labels file: LABELS given on the command line
+# (or environment) must exist; the default $(DATA_DIR)/test_labels.csv is used when it exists.
+REPORT_LABELS = $(if $(filter command line environment,$(origin LABELS)),$(LABELS),$(wildcard $(LABELS)))
+report: | $(SETUP) check-plan ## one HTML page of every run of DATA_DIR (RUN, K, LABELS); never trains
+	$(CLI) report --data-dir '$(DATA_DIR)' --out $(REPORT_FILE) --k $(K) \
+		$(if $(RUN),--run '$(RUN)') $(if $(REPORT_LABELS),--labels '$(REPORT_LABELS)')
 
 BENCH_DATA ?= ../shared/data/dogs-vs-cats-sample
 bench: | $(SETUP) ## speed and memory against bare loops: writes bench/REPORT.md

@@ -49,3 +49,21 @@ def test_submission_names_a_fixed_clip(tmp_path):
 def test_method_versions_are_whole_numbers():
     for stage in ("train", "finetune"):
         assert config.method_version(stage) >= 1
+
+
+def test_run_submissions_finds_the_auto_and_fixed_clip_files(tmp_path, monkeypatch):
+    data = tmp_path / "comp"
+    folder = config.submissions_dir(data, tmp_path)
+    monkeypatch.setattr(config, "submissions_dir", lambda data_dir: folder)
+    folder.mkdir(parents=True)
+    for name in ("r__logreg.csv", "r__logreg__clip0.005.csv", "r__logreg__flip.csv"):
+        (folder / name).write_text("id,label\n")
+    found = config.run_submissions(data, "r__logreg")
+    assert found == {
+        "auto": folder / "r__logreg.csv",
+        "0.005": folder / "r__logreg__clip0.005.csv",
+    }
+    assert (
+        config.feature_backbone("x/efficientnet_lite0.random.bf16.flip.h5") == "efficientnet_lite0"
+    )
+    assert config.most_wrong_path(config.report_path(data)).name == "most_wrong.txt"

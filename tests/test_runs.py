@@ -49,3 +49,13 @@ def test_up_to_date_needs_the_same_settings_and_older_inputs(tmp_path):
 def test_a_folder_that_is_not_a_run_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"run/metrics.json not found"):
         runs.read_run(tmp_path / "run")
+
+
+def test_list_runs_names_finished_runs_only(tmp_path):
+    runs.write_run(tmp_path / "b__logreg", predictions(), {})
+    runs.write_run(tmp_path / "a__keras__lr0.001", predictions(), {})
+    for unfinished in ("c.partial", "b__logreg.work", "d.old"):
+        runs.write_run(tmp_path / unfinished, predictions(), {})  # as if left by a crash
+    (tmp_path / "empty").mkdir()
+    assert [p.name for p in runs.list_runs(tmp_path)] == ["a__keras__lr0.001", "b__logreg"]
+    assert runs.list_runs(tmp_path / "none") == []

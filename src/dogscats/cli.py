@@ -233,6 +233,23 @@ def score_cmd(args):
     print(f"log_loss={result['log_loss']:.5f} accuracy={result['accuracy']:.4f}")
 
 
+def _report_args(p):
+    _data_dir(p)
+    p.add_argument("--out", help="the page; default reports/<dataset>/index.html")
+    p.add_argument("--run", help="run folder (name or path) shown in detail; default the best")
+    p.add_argument("--k", type=int, default=config.REPORT_IMAGES, help="images per gallery")
+    p.add_argument("--labels", help="id,label file of the test labels: adds test scores")
+
+
+@command("report", "one HTML page of every run: table, plots, most-wrong images")(_report_args)
+def report_cmd(args):
+    from dogscats import report
+
+    report.write_report(
+        args.data_dir, out=args.out, run=args.run, k=args.k, labels=args.labels or None
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA_DIR = PROJECT_ROOT / "data"
 FEATURES_DIR = PROJECT_ROOT / "features"
 SUBMISSIONS_DIR = PROJECT_ROOT / "submissions"
+REPORTS_DIR = PROJECT_ROOT / "reports"
 
 SEED = 2017
 FOLDS = 5
@@ -37,6 +38,7 @@ def parse_devices(value: str) -> str | int:
     raise ValueError(f"DEVICES must be {DEVICES_HELP}. Received: {value!r}")
 WEIGHT_MODES = ("imagenet", "random")  # or the path of a weights file
 AUGMENTS = ("flip", "full")
+REPORT_IMAGES = 48  # make report's K: thumbnails per gallery
 
 
 # ----------------------------------------------------------------------------------------------
@@ -59,9 +61,14 @@ def dataset_dir(data_dir: str | os.PathLike, features_root: Path = FEATURES_DIR)
     return Path(features_root) / dataset_key(data_dir)
 
 
+def arrays_root(data_dir: str | os.PathLike, features_root: Path = FEATURES_DIR) -> Path:
+    """Folder of the arrays folders, one per input size."""
+    return dataset_dir(data_dir, features_root) / "arrays"
+
+
 def arrays_dir(data_dir: str | os.PathLike, size: int, features_root: Path = FEATURES_DIR) -> Path:
     """Folder of the uint8 image arrays at one input size."""
-    return dataset_dir(data_dir, features_root) / "arrays" / str(size)
+    return arrays_root(data_dir, features_root) / str(size)
 
 
 def models_dir(data_dir: str | os.PathLike, features_root: Path = FEATURES_DIR) -> Path:
@@ -76,6 +83,20 @@ def cut_cache_dir(data_dir: str | os.PathLike, features_root: Path = FEATURES_DI
 
 def submissions_dir(data_dir: str | os.PathLike, root: Path = SUBMISSIONS_DIR) -> Path:
     return Path(root) / dataset_key(data_dir)
+
+
+def reports_dir(data_dir: str | os.PathLike, root: Path = REPORTS_DIR) -> Path:
+    """Folder of a dataset's report page and the lists written beside it."""
+    return Path(root) / dataset_key(data_dir)
+
+
+def report_path(data_dir: str | os.PathLike, root: Path = REPORTS_DIR) -> Path:
+    return reports_dir(data_dir, root) / "index.html"
+
+
+def most_wrong_path(report: str | os.PathLike) -> Path:
+    """The report's most-wrong train files, one per line: an EXCLUDE= file once reviewed."""
+    return Path(report).with_name("most_wrong.txt")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,6 +141,11 @@ def settings_suffix(
     return suffix + (f"__seed{seed}" if int(seed) != SEED else "")
 
 
+def feature_backbone(feature_file: str | os.PathLike) -> str:
+    """The backbone a feature file holds: its name up to the settings tag (feature_tag)."""
+    return Path(feature_file).name.split(".", 1)[0]
+
+
 def head_run_name(backbones: list[str], head: str, **settings) -> str:
     """e.g. `efficientnet_lite0+efficientnet_lite1__logreg__flip`."""
     return f"{'+'.join(backbones)}__{head}{settings_suffix(**settings)}"
@@ -148,10 +174,22 @@ def finetune_run_name(
     return f"{backbone}__finetune{blocks}__aug{augment}{parts}{settings_suffix(**settings)}"
 
 
+CLIP_PART = "__clip"
+
+
 def submission_path(data_dir: str | os.PathLike, run: str, clip: str = "auto") -> Path:
     """The submission CSV of a run; a fixed CLIP is part of the name."""
-    suffix = "" if clip == "auto" else f"__clip{clip}"
+    suffix = "" if clip == "auto" else f"{CLIP_PART}{clip}"
     return submissions_dir(data_dir) / f"{run}{suffix}.csv"
+
+
+def run_submissions(data_dir: str | os.PathLike, run: str) -> dict[str, Path]:
+    """{clip ("auto" or the fixed value): path} of the submission CSVs written for a run."""
+    auto = submission_path(data_dir, run)
+    found = {"auto": auto} if auto.is_file() else {}
+    for path in sorted(submissions_dir(data_dir).glob(f"{run}{CLIP_PART}*.csv")):
+        found[path.stem.removeprefix(run + CLIP_PART)] = path
+    return found
 
 
 # ----------------------------------------------------------------------------------------------

@@ -114,6 +114,7 @@ def plan(v: Variables) -> list[str]:
         f"FEATURE_FILES := {' '.join(head_features)}",
         f"RUN_DIR := {_relative(models / run)}",
         f"SUBMISSION_FILE := {_relative(config.submission_path(v.data_dir, run, v.clip))}",
+        f"REPORT_FILE := {_relative(config.report_path(v.data_dir))}",
         f"FT_HEAD_RUN := {ft_head_run}",
         f"FT_HEAD_FEATURES := {feature_file(v.backbone)}",
         f"FT_RUN_DIR := {_relative(models / ft_run)}",

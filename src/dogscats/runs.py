@@ -22,6 +22,9 @@ import pandas as pd
 from dogscats import store
 
 METRICS = "metrics.json"
+HISTORY = "history_{fold}.csv"  # fine-tuning's per-fold epochs (Keras CSVLogger)
+# Folders beside finished runs: store.atomic_dir's partial and old ones, fine-tuning's work.
+UNFINISHED_SUFFIXES = (".partial", ".old", ".work")
 
 
 @dataclass
@@ -85,6 +88,27 @@ class Run:
         import joblib
 
         return joblib.load(self.model_path(fold))
+
+    def histories(self) -> dict[int, pd.DataFrame]:
+        """{fold: its epochs (epoch, loss, val_loss, ...)} of a fine-tuning run; {} for others."""
+        found = {}
+        for fold in range(self.n_folds):
+            path = self.path / HISTORY.format(fold=fold)
+            if path.is_file() and path.stat().st_size:
+                found[fold] = pd.read_csv(path)
+        return found
+
+
+def list_runs(models_dir: str | os.PathLike) -> list[Path]:
+    """The finished run folders in a models folder, by name (no partial, old or work ones)."""
+    folder = Path(models_dir)
+    if not folder.is_dir():
+        return []
+    return sorted(
+        path
+        for path in folder.iterdir()
+        if path.suffix not in UNFINISHED_SUFFIXES and metrics_path(path).is_file()
+    )
 
 
 def read_run(run_dir: str | os.PathLike) -> Run:

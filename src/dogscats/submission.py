@@ -23,11 +23,16 @@ def clip(p: np.ndarray, c: float) -> np.ndarray:
     return np.clip(p, c, 1 - c)
 
 
-def log_loss(y: np.ndarray, p: np.ndarray) -> float:
-    """Mean binary log loss, the competition metric (p clipped to 1e-15 as Kaggle does)."""
+def image_log_loss(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Each image's binary log loss (p clipped to 1e-15 as Kaggle does)."""
     p = np.clip(np.asarray(p, float), 1e-15, 1 - 1e-15)
     y = np.asarray(y, float)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+    return -(y * np.log(p) + (1 - y) * np.log(1 - p))
+
+
+def log_loss(y: np.ndarray, p: np.ndarray) -> float:
+    """Mean binary log loss, the competition metric."""
+    return float(np.mean(image_log_loss(y, p)))
 
 
 def choose_clip(y: np.ndarray, oof: np.ndarray, grid: np.ndarray = CLIP_GRID) -> float:

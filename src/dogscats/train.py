@@ -8,6 +8,7 @@ predictions are an honest estimate for the clip choice, blends and reports.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,6 +134,7 @@ def train(
     inputs = [Path(p) for p in feature_files] + [config.method_version_file("train")]
     if runs.up_to_date(out, settings, inputs, log):
         return out
+    began = time.monotonic()
     estimator = make_head(head, seed)
     data = load_feature_set(feature_files, tta)
     folds = make_folds(data.y, n_folds, seed)
@@ -149,6 +151,7 @@ def train(
         "seed": seed,
         "feature_files": [str(p) for p in feature_files],
         "fold_scores": result.fold_scores,
+        "wall_s": round(time.monotonic() - began, 1),  # loading features and the folds
         "settings": settings,
     }
     log(

@@ -272,7 +272,9 @@ def _write_run(
         test=test,
     )
     extras = {"logs": work / "logs"}  # TensorBoard's, one folder per fold
-    extras |= {f"history_{r.fold}.csv": fold_dir(work, r.fold) / "history.csv" for r in results}
+    extras |= {
+        runs.HISTORY.format(fold=r.fold): fold_dir(work, r.fold) / "history.csv" for r in results
+    }
     runs.write_run(out, predictions, metrics, models=results, extras=extras)
     shutil.rmtree(work, ignore_errors=True)
     job.log(
