@@ -109,9 +109,34 @@ def settings_suffix(
     return suffix + (f"__seed{seed}" if int(seed) != SEED else "")
 
 
-def head_run_name(backbones: list[str], head: str, **settings) -> str:
-    """e.g. `efficientnet_lite0+efficientnet_lite1__logreg__flip`."""
-    return f"{'+'.join(backbones)}__{head}{settings_suffix(**settings)}"
+def head_run_name(backbones: list[str], head: str, exclude: str = "", **settings) -> str:
+    """e.g. `efficientnet_lite0+efficientnet_lite1__logreg__flip`; an EXCLUDE list adds its
+    file's stem (`__excl-mislabelled-train`)."""
+    return f"{'+'.join(backbones)}__{head}{settings_suffix(**settings)}{exclude_suffix(exclude)}"
+
+
+def exclude_suffix(exclude: str | os.PathLike = "") -> str:
+    if not exclude:
+        return ""
+    stem = "".join(c if c.isalnum() or c in "-_" else "-" for c in Path(exclude).stem)
+    return f"__excl-{stem}"
+
+
+BLEND_PREFIX = "blend__"
+RUN_METRICS = "metrics.json"  # the file that marks a finished run folder (runs.py)
+
+
+def blend_run_name(run_names: list[str]) -> str:
+    """e.g. `blend__3runs-1a2b3c4d`: the number of runs and a digest of their sorted names."""
+    digest = hashlib.sha1("\n".join(sorted(run_names)).encode()).hexdigest()[:8]
+    return f"{BLEND_PREFIX}{len(run_names)}runs-{digest}"
+
+
+def finished_runs(data_dir: str | os.PathLike, features_root: Path = FEATURES_DIR) -> list[Path]:
+    """The finished run folders of a data set (with metrics.json), blends left out, by name."""
+    models = models_dir(data_dir, features_root)
+    found = models.glob(f"*/{RUN_METRICS}") if models.is_dir() else []
+    return sorted(p.parent for p in found if not p.parent.name.startswith(BLEND_PREFIX))
 
 
 # The fine-tuning hyperparameters a user may set (make's FT_*, the CLI's flags): keyword, the

@@ -33,6 +33,8 @@ class Variables:
     blocks: str = "1"
     augment: str = "flip"
     ft_head: str = config.DEFAULT_HEAD
+    exclude: str = ""  # a list of train files left out of the head's fits (exclude.py)
+    runs: str = ""  # make blend: run names or folders; empty = every finished run
     finetune: bool = False  # HEAD=finetune or `make finetune`: BACKBONE's arrays are needed
     hyperparameters: dict[str, str] = field(default_factory=dict)  # FT_* set on the command line
 
@@ -65,6 +67,11 @@ def _check(v: Variables) -> None:
     for name, value in (("FOLDS", v.folds), ("SEED", v.seed), ("BLOCKS", v.blocks)):
         if not value.isdigit():
             raise ValueError(f"{name} must be a whole number. Received: {value!r}")
+    if v.exclude and not os.path.isfile(v.exclude):
+        raise ValueError(
+            f"EXCLUDE={v.exclude}: no such file. Give a list of train file names, one per "
+            "line, e.g. EXCLUDE=lists/mislabelled-train.txt"
+        )
     if " " in os.path.abspath(v.data_dir):
         raise ValueError(
             f"DATA_DIR={v.data_dir!r}: make cannot handle spaces in paths; link the folder to "
@@ -103,7 +110,7 @@ def plan(v: Variables) -> list[str]:
     if v.head == "finetune":
         run, head_features = ft_run, [feature_file(v.backbone)]
     else:
-        run = config.head_run_name(names, v.head, **settings)
+        run = config.head_run_name(names, v.head, exclude=v.exclude, **settings)
         head_features = [feature_file(name) for name in names]
     lines = [
         f"DS := {config.dataset_key(v.data_dir)}",
@@ -119,10 +126,26 @@ def plan(v: Variables) -> list[str]:
         f"FT_FLAGS := {' '.join(_flag(key, value) for key, value in hp.items())}",
         f"TRAIN_VERSION := {_relative(config.method_version_file('train'))}",
         f"FINETUNE_VERSION := {_relative(config.method_version_file('finetune'))}",
+        f"EXCLUDE_FILE := {v.exclude}",
+        *_blend_lines(v, models),
     ]
     for name in dict.fromkeys([*names, v.backbone]):
         lines += _feature_rule(feature_file(name), name, arrays(name))
     return lines
+
+
+def _blend_lines(v: Variables, models: Path) -> list[str]:
+    """`make blend`: the runs (RUNS, names or folders; default every finished run), the blend's
+    run folder and submission."""
+    given = [Path(r) if "/" in r else models / r for r in v.runs.split()]
+    run_dirs = given or config.finished_runs(v.data_dir)
+    name = config.blend_run_name([p.name for p in run_dirs])
+    return [
+        f"BLEND_RUN_DIRS := {' '.join(_relative(p) for p in run_dirs)}",
+        f"BLEND_DIR := {_relative(models / name)}",
+        f"BLEND_SUBMISSION := {_relative(config.submission_path(v.data_dir, name, v.clip))}",
+        f"BLEND_VERSION := {_relative(config.method_version_file('blend'))}",
+    ]
 
 
 def _flag(keyword: str, value: str) -> str:

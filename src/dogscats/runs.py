@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dogscats import store
+from dogscats import config, store
 
-METRICS = "metrics.json"
+METRICS = config.RUN_METRICS
 
 
 @dataclass
