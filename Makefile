@@ -29,6 +29,7 @@ FT_LR ?=
 FT_BATCH ?=
 FT_PATIENCE ?=
 FT_DROPOUT ?=
+NORM ?= ssr_l2
 EXCLUDE ?=
 RUNS ?=
 
@@ -49,7 +50,7 @@ PLAN_ARGS := --data-dir '$(DATA_DIR)' --backbones '$(BACKBONES)' --head '$(HEAD)
 	--clip '$(CLIP)' --backbone '$(BACKBONE)' --blocks '$(BLOCKS)' --augment '$(AUGMENT)' \
 	--ft-head '$(FT_HEAD)' --ft-epochs '$(FT_EPOCHS)' --ft-learning-rate '$(FT_LR)' \
 	--ft-batch-size '$(FT_BATCH)' --ft-patience '$(FT_PATIENCE)' --ft-dropout '$(FT_DROPOUT)' \
-	--exclude '$(EXCLUDE)' --runs '$(RUNS)' \
+	--norm '$(NORM)' --exclude '$(EXCLUDE)' --runs '$(RUNS)' \
 	$(if $(filter finetune,$(HEAD) $(MAKECMDGOALS)),--finetune)
 PLAN := $(shell PYTHONPATH=src $(PYTHON) -m dogscats.cli plan $(PLAN_ARGS))
 $(eval $(subst ;;,$(newline),$(PLAN)))
@@ -108,18 +109,18 @@ $(sort $(FEATURE_FILES) $(FT_HEAD_FEATURES)): | $(SETUP)
 		--tta $(EXTRACT_TTA) --precision $(PRECISION) --batch-size $(BATCH_SIZE) \
 		--arrays $(EXTRACT_ARRAYS) --out $@
 
-# $(call train_head,feature files,run folder,head[,exclude list])
+# $(call train_head,feature files,run folder,head,normalisation[,exclude list])
 train_head = $(CLI) train --features $(1) --out $(2) --head $(3) --tta $(TTA) --folds $(FOLDS) --seed $(SEED) \
-	$(if $(4),--exclude '$(4)')
+	--normalise $(4) $(if $(5),--exclude '$(5)')
 
 ifneq ($(HEAD),finetune)
 $(RUN_DIR)/metrics.json: $(FEATURE_FILES) $(TRAIN_VERSION) $(EXCLUDE_FILE) | $(SETUP)
-	$(call train_head,$(FEATURE_FILES),$(@D),$(HEAD),$(EXCLUDE_FILE))
+	$(call train_head,$(FEATURE_FILES),$(@D),$(HEAD),$(HEAD_NORM),$(EXCLUDE_FILE))
 endif
 
 ifneq ($(FT_HEAD_RUN),$(RUN_DIR))
 $(FT_HEAD_RUN)/metrics.json: $(FT_HEAD_FEATURES) $(TRAIN_VERSION) | $(SETUP)
-	$(call train_head,$(FT_HEAD_FEATURES),$(@D),$(FT_HEAD))
+	$(call train_head,$(FT_HEAD_FEATURES),$(@D),$(FT_HEAD),standard)
 endif
 
 $(FT_RUN_DIR)/metrics.json: $(FT_HEAD_RUN)/metrics.json $(FT_ARRAYS)/manifest.json $(FINETUNE_VERSION) | $(SETUP)

@@ -90,9 +90,17 @@ def test_exclude_names_the_run_and_is_its_prerequisite(tmp_path):
     listed = tmp_path / "mislabelled v2.txt"
     listed.write_text("cat.1.jpg\n")
     run = value("RUN_DIR", backbones="resnet50", exclude=str(listed))
-    assert run.endswith("/resnet50__logreg__excl-mislabelled-v2")
+    assert run.endswith("/resnet50__logreg__ssr_l2__excl-mislabelled-v2")
     assert value("EXCLUDE_FILE", exclude=str(listed)) == str(listed)
-    assert value("RUN_DIR", backbones="resnet50").endswith("/resnet50__logreg")
+    assert value("RUN_DIR", backbones="resnet50").endswith("/resnet50__logreg__ssr_l2")
+
+
+def test_norm_names_logreg_runs_only_and_never_the_head_fine_tuning_starts_from():
+    assert value("RUN_DIR", backbones="resnet50", norm="standard").endswith("/resnet50__logreg")
+    assert value("HEAD_NORM", backbones="resnet50", norm="standard") == "standard"
+    assert value("RUN_DIR", backbones="resnet50", head="keras").endswith("/resnet50__keras")
+    assert value("HEAD_NORM", head="keras") == "standard"
+    assert value("FT_HEAD_RUN", backbone="resnet50").endswith("/resnet50__logreg")
 
 
 @pytest.fixture

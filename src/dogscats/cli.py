@@ -155,6 +155,7 @@ def _train_args(p):
     p.add_argument("--folds", type=int, default=config.FOLDS)
     p.add_argument("--seed", type=int, default=config.SEED)
     p.add_argument("--exclude", help="list of train files to leave out of every fit")
+    p.add_argument("--normalise", default="standard", choices=config.NORMALISATIONS)
 
 
 @command("train", "cross-validated head on concatenated features")(_train_args)
@@ -169,6 +170,7 @@ def train_cmd(args):
         n_folds=args.folds,
         seed=args.seed,
         exclude=args.exclude,
+        normalise=args.normalise,
     )
 
 

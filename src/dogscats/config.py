@@ -23,6 +23,11 @@ HEADS = ("logreg", "keras", "zeroshot")
 # README's quality table has the comparison that made logreg the default.
 DEFAULT_HEAD = "logreg"
 TTAS = ("none", "flip")
+# How the logreg head normalises its inputs (heads.LogisticHead): "standard" standardises every
+# feature, "ssr_l2" takes the signed square root and L2-normalises each backbone's block first.
+# README's lever table has the comparison that made ssr_l2 the default of `make` (NORM).
+NORMALISATIONS = ("standard", "ssr_l2")
+DEFAULT_NORM = "ssr_l2"
 PRECISIONS = ("float32", "bfloat16")
 WEIGHT_MODES = ("imagenet", "random")  # or the path of a weights file
 AUGMENTS = ("flip", "full")
@@ -109,10 +114,15 @@ def settings_suffix(
     return suffix + (f"__seed{seed}" if int(seed) != SEED else "")
 
 
-def head_run_name(backbones: list[str], head: str, exclude: str = "", **settings) -> str:
-    """e.g. `efficientnet_lite0+efficientnet_lite1__logreg__flip`; an EXCLUDE list adds its
-    file's stem (`__excl-mislabelled-train`)."""
-    return f"{'+'.join(backbones)}__{head}{settings_suffix(**settings)}{exclude_suffix(exclude)}"
+def head_run_name(
+    backbones: list[str], head: str, exclude: str = "", normalise: str = "standard", **settings
+) -> str:
+    """e.g. `efficientnet_lite0+efficientnet_lite1__logreg__flip`; a normalisation other than
+    "standard" adds its name (`__ssr_l2`), an EXCLUDE list its file's stem
+    (`__excl-mislabelled-train`)."""
+    norm = "" if normalise == "standard" else f"__{normalise}"
+    suffix = f"{settings_suffix(**settings)}{norm}{exclude_suffix(exclude)}"
+    return f"{'+'.join(backbones)}__{head}{suffix}"
 
 
 def exclude_suffix(exclude: str | os.PathLike = "") -> str:

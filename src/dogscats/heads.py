@@ -114,7 +114,7 @@ class LogisticHead(_Head):
         return kernel[:, None].astype("float32"), np.array([bias], "float32")
 
 
-NORMALISATIONS = ("standard", "ssr_l2")
+NORMALISATIONS = config.NORMALISATIONS
 
 
 def inner_splits(y: np.ndarray, groups, n_splits: int, random_state) -> list:
@@ -316,8 +316,13 @@ HEADS = {"logreg": LogisticHead, "keras": KerasHead, "zeroshot": ZeroShotHead}
 assert tuple(HEADS) == config.HEADS, "config.HEADS names the heads for the CLI and make"
 
 
-def make_head(name: str, random_state: int = config.SEED) -> _Head:
-    """A head by its HEAD name, seeded."""
+def make_head(name: str, random_state: int = config.SEED, normalise: str = "standard") -> _Head:
+    """A head by its HEAD name, seeded; `normalise` (NORM) for the heads that take it."""
     if name not in HEADS:
         raise ValueError(f"HEAD must be one of {', '.join(HEADS)}. Received: {name!r}")
-    return HEADS[name](random_state=random_state)
+    head = HEADS[name](random_state=random_state)
+    if "normalise" in head.get_params():
+        return head.set_params(normalise=normalise)
+    if normalise != "standard":
+        raise ValueError(f"NORM={normalise} is an option of HEAD=logreg only. Received: {name!r}")
+    return head

@@ -33,6 +33,7 @@ class Variables:
     blocks: str = "1"
     augment: str = "flip"
     ft_head: str = config.DEFAULT_HEAD
+    norm: str = config.DEFAULT_NORM  # logreg's input normalisation (HEAD=logreg only)
     exclude: str = ""  # a list of train files left out of the head's fits (exclude.py)
     runs: str = ""  # make blend: run names or folders; empty = every finished run
     finetune: bool = False  # HEAD=finetune or `make finetune`: BACKBONE's arrays are needed
@@ -59,6 +60,7 @@ def _check(v: Variables) -> None:
         ("HEAD", v.head, (*config.HEADS, "finetune")),
         ("FT_HEAD", v.ft_head, config.HEADS),
         ("TTA", v.tta, config.TTAS),
+        ("NORM", v.norm, config.NORMALISATIONS),
         ("PRECISION", v.precision, config.PRECISIONS),
         ("AUGMENT", v.augment, config.AUGMENTS),
     ):
@@ -104,13 +106,17 @@ def plan(v: Variables) -> list[str]:
         return _relative(config.arrays_dir(v.data_dir, size))
 
     models = config.models_dir(v.data_dir)
+    # NORM is logreg's; fine-tuning starts from a head that is one Dense layer: "standard".
+    head_norm = v.norm if v.head == "logreg" else "standard"
     ft_head_run = _relative(models / config.head_run_name([v.backbone], v.ft_head, **settings))
     hp = {key: value for key, value in v.hyperparameters.items() if value}
     ft_run = config.finetune_run_name(v.backbone, int(v.blocks), v.augment, hp, **settings)
     if v.head == "finetune":
         run, head_features = ft_run, [feature_file(v.backbone)]
     else:
-        run = config.head_run_name(names, v.head, exclude=v.exclude, **settings)
+        run = config.head_run_name(
+            names, v.head, exclude=v.exclude, normalise=head_norm, **settings
+        )
         head_features = [feature_file(name) for name in names]
     lines = [
         f"DS := {config.dataset_key(v.data_dir)}",
@@ -127,6 +133,7 @@ def plan(v: Variables) -> list[str]:
         f"TRAIN_VERSION := {_relative(config.method_version_file('train'))}",
         f"FINETUNE_VERSION := {_relative(config.method_version_file('finetune'))}",
         f"EXCLUDE_FILE := {v.exclude}",
+        f"HEAD_NORM := {head_norm}",
         *_blend_lines(v, models),
     ]
     for name in dict.fromkeys([*names, v.backbone]):

@@ -137,6 +137,7 @@ def train(
     n_folds: int = config.FOLDS,
     seed: int = config.SEED,
     exclude: str | os.PathLike | None = None,
+    normalise: str = "standard",
     log=print,
 ) -> Path:
     """Cross-validate a head on the concatenated features; write the run folder (runs.py).
@@ -152,11 +153,12 @@ def train(
         "seed": seed,
         "feature_files": [str(p) for p in feature_files],
         "exclude": exclude_list.settings(exclude),
+        "normalise": normalise,
     }
     inputs = [Path(p) for p in feature_files] + [config.method_version_file("train")]
     if runs.up_to_date(out, settings, inputs + ([Path(exclude)] if exclude else []), log):
         return out
-    estimator = make_head(head, seed)
+    estimator = make_head(head, seed, normalise)
     data = load_feature_set(feature_files, tta)
     excluded = exclude_list.excluded_rows(data.train_ids, exclude) if exclude else None
     folds = make_folds(data.y, n_folds, seed)  # of every row: the same folds as without EXCLUDE
