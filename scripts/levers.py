@@ -29,6 +29,13 @@ ROWS = [
     ("logreg, standardised, no flip", ["NORM=standard", "TTA=none"]),
     ("logreg, ssr_l2, flip", ["NORM=ssr_l2", "TTA=flip"]),
     ("logreg, ssr_l2, no flip", ["NORM=ssr_l2", "TTA=none"]),
+    *(
+        (
+            f"lite{k} alone, logreg, ssr_l2, no flip",
+            [f"BACKBONES=efficientnet_lite{k}", "TTA=none"],
+        )
+        for k in range(3)
+    ),
     ("keras, flip", ["HEAD=keras", "TTA=flip"]),
     ("keras, no flip", ["HEAD=keras", "TTA=none"]),
 ]
@@ -103,7 +110,7 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- |")
     done = {}
     for label, variables in ROWS:
-        done[label] = evaluate(label, "submission", [*COMMON, *variables], extra)
+        done[label] = evaluate(label, "submission", [*COMMON, *variables], extra)  # last wins
         print(row(done[label]), flush=True)
     blends = [
         (
