@@ -116,3 +116,19 @@ def test_a_normalised_logistic_head_is_no_dense_layer():
     assert head.score(X, y) > 0.95
     with pytest.raises(ValueError, match="normalise='standard' heads only"):
         head.dense_weights()
+
+
+def test_keras_head_holds_out_whole_groups_for_early_stopping(monkeypatch):
+    X, y = separable(n=60)
+    X, y = np.concatenate([X, X + 0.01]), np.concatenate([y, y])
+    groups = np.tile(np.arange(60), 2)
+    calls, split = [], heads.inner_splits
+
+    def recording(*args):
+        calls.append(split(*args))
+        return calls[-1]
+
+    monkeypatch.setattr(heads, "inner_splits", recording)
+    heads.KerasHead(epochs=1, random_state=0).fit(X, y, groups=groups)
+    fit, held = calls[0][0]  # the first split: its held-out rows are the early-stopping rows
+    assert len(held) == 12 and _never_split([(fit, held)], groups)  # 10% of the images, x2
