@@ -71,6 +71,7 @@ def _expected_failures(estimator) -> dict[str, str]:
     [
         heads.LogisticHead(Cs=(0.1, 1.0), inner_folds=2, random_state=0),
         heads.KerasHead(epochs=2, patience=1, random_state=0),
+        heads.BlockNormaliser(),
     ],
     expected_failed_checks=_expected_failures,
 )

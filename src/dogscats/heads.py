@@ -1,7 +1,8 @@
 """Heads: classifiers on the concatenated GAP features, as scikit-learn estimators.
 
-    logreg    LogisticHead: standardised features + LogisticRegression, C chosen by inner CV
-              grouped by image (an image and its mirror are never on both sides).
+    logreg    LogisticHead: normalised features (standardised, or `ssr_l2`: signed square root
+              and L2 per backbone first) + LogisticRegression, C chosen by inner CV grouped by
+              image (an image and its mirror are never on both sides).
     keras     KerasHead: Dropout(0.5) + Dense(1, sigmoid), early stopping on held-out rows.
     zeroshot  ZeroShotHead: no training; its one input column is the backbones' own ImageNet
               classifier's P(dog) (dog mass / dog + cat mass).
@@ -124,6 +125,9 @@ def inner_splits(y: np.ndarray, groups, n_splits: int, random_state) -> list:
     return list(splitter.split(np.zeros(len(y)), y, groups))
 
 
+FLOATS = [np.float32, np.float64]  # kept as given; anything else becomes float32
+
+
 class BlockNormaliser(TransformerMixin, BaseEstimator):
     """Signed square root, then each block of columns (one backbone's features) scaled to
     unit L2 norm, so that no backbone dominates by its scale. Stateless."""
@@ -132,7 +136,7 @@ class BlockNormaliser(TransformerMixin, BaseEstimator):
         self.blocks = blocks
 
     def fit(self, X, y=None):
-        validate_data(self, X, dtype=np.float32)
+        validate_data(self, X, dtype=FLOATS)
         widths = self.blocks or (self.n_features_in_,)
         if sum(widths) != self.n_features_in_:
             raise ValueError(
@@ -142,7 +146,7 @@ class BlockNormaliser(TransformerMixin, BaseEstimator):
 
     def transform(self, X):
         check_is_fitted(self)
-        X = validate_data(self, X, dtype=np.float32, reset=False)
+        X = validate_data(self, X, dtype=FLOATS, reset=False)
         X = np.sign(X) * np.sqrt(np.abs(X))
         edges = np.cumsum(self.blocks or (self.n_features_in_,))[:-1]
         parts = [
