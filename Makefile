@@ -32,6 +32,9 @@ FT_PATIENCE ?=
 FT_DROPOUT ?=
 RUN ?=
 K ?= 48
+NORM ?= ssr_l2
+EXCLUDE ?=
+RUNS ?=
 
 PY := $(VENV)/bin/python
 CLI := $(PY) -m dogscats.cli
@@ -50,14 +53,15 @@ PLAN_ARGS := --data-dir '$(DATA_DIR)' --backbones '$(BACKBONES)' --head '$(HEAD)
 	--clip '$(CLIP)' --backbone '$(BACKBONE)' --blocks '$(BLOCKS)' --augment '$(AUGMENT)' \
 	--ft-head '$(FT_HEAD)' --ft-epochs '$(FT_EPOCHS)' --ft-learning-rate '$(FT_LR)' \
 	--ft-batch-size '$(FT_BATCH)' --ft-patience '$(FT_PATIENCE)' --ft-dropout '$(FT_DROPOUT)' \
+	--norm '$(NORM)' --exclude '$(EXCLUDE)' --runs '$(RUNS)' \
 	$(if $(filter finetune,$(HEAD) $(MAKECMDGOALS)),--finetune)
 PLAN := $(shell PYTHONPATH=src $(PYTHON) -m dogscats.cli plan $(PLAN_ARGS))
 $(eval $(subst ;;,$(newline),$(PLAN)))
 SUBMISSION ?= $(SUBMISSION_FILE)
 LABELS ?= $(DATA_DIR)/test_labels.csv
 
-.PHONY: help setup data preprocess features train finetune submission score backbones bench test \
-	lint clean report \
+.PHONY: help setup data preprocess features train finetune submission blend score backbones bench \
+	test lint clean report \
 	check-plan
 
 help: ## list targets and variables
@@ -92,6 +96,9 @@ finetune: $(FT_RUN_DIR)/metrics.json | check-plan ## fine-tune BLOCKS top blocks
 submission: $(SUBMISSION) | check-plan ## (default) clipped submission CSV; redoes only what is stale
 	@$(if $(SUBMISSION_MADE),:,echo "$(SUBMISSION) is up to date: nothing to redo.")
 
+blend: $(BLEND_SUBMISSION) | check-plan ## blend RUNS (default: every finished run) into a submission
+	@$(if $(BLEND_MADE),:,echo "$(BLEND_SUBMISSION) is up to date: nothing to redo.")
+
 # File rules: each output's prerequisites are its inputs, so make redoes only what is stale.
 # A stage's version file (src/dogscats/versions/) is a prerequisite too: bumping it redoes runs.
 ifndef PLAN_ERROR
@@ -105,17 +112,18 @@ $(sort $(FEATURE_FILES) $(FT_HEAD_FEATURES)): | $(SETUP)
 		--tta $(EXTRACT_TTA) --precision $(PRECISION) --batch-size $(BATCH_SIZE) \
 		--devices '$(DEVICES)' --arrays $(EXTRACT_ARRAYS) --out $@
 
-# $(call train_head,feature files,run folder,head)
-train_head = $(CLI) train --features $(1) --out $(2) --head $(3) --tta $(TTA) --folds $(FOLDS) --seed $(SEED)
+# $(call train_head,feature files,run folder,head,normalisation[,exclude list])
+train_head = $(CLI) train --features $(1) --out $(2) --head $(3) --tta $(TTA) --folds $(FOLDS) --seed $(SEED) \
+	--normalise $(4) $(if $(5),--exclude '$(5)')
 
 ifneq ($(HEAD),finetune)
-$(RUN_DIR)/metrics.json: $(FEATURE_FILES) $(TRAIN_VERSION) | $(SETUP)
-	$(call train_head,$(FEATURE_FILES),$(@D),$(HEAD))
+$(RUN_DIR)/metrics.json: $(FEATURE_FILES) $(TRAIN_VERSION) $(EXCLUDE_FILE) | $(SETUP)
+	$(call train_head,$(FEATURE_FILES),$(@D),$(HEAD),$(HEAD_NORM),$(EXCLUDE_FILE))
 endif
 
 ifneq ($(FT_HEAD_RUN),$(RUN_DIR))
 $(FT_HEAD_RUN)/metrics.json: $(FT_HEAD_FEATURES) $(TRAIN_VERSION) | $(SETUP)
-	$(call train_head,$(FT_HEAD_FEATURES),$(@D),$(FT_HEAD))
+	$(call train_head,$(FT_HEAD_FEATURES),$(@D),$(FT_HEAD),standard)
 endif
 
 $(FT_RUN_DIR)/metrics.json: $(FT_HEAD_RUN)/metrics.json $(FT_ARRAYS)/manifest.json $(FINETUNE_VERSION) | $(SETUP)
@@ -126,6 +134,15 @@ $(FT_RUN_DIR)/metrics.json: $(FT_HEAD_RUN)/metrics.json $(FT_ARRAYS)/manifest.js
 $(SUBMISSION): $(RUN_DIR)/metrics.json $(wildcard $(DATA_DIR)/sample_submission.csv) | $(SETUP)
 	$(eval SUBMISSION_MADE := 1)
 	$(CLI) submission --run-dir $(RUN_DIR) --sample-submission '$(DATA_DIR)/sample_submission.csv' \
+		--out $@ --clip $(CLIP)
+
+# Runs that are not finished are named to the CLI, which says so (make would only say "no rule").
+$(BLEND_DIR)/metrics.json: $(wildcard $(addsuffix /metrics.json,$(BLEND_RUN_DIRS))) $(BLEND_VERSION) | $(SETUP)
+	$(CLI) blend --runs $(BLEND_RUN_DIRS) --out $(@D)
+
+$(BLEND_SUBMISSION): $(BLEND_DIR)/metrics.json $(wildcard $(DATA_DIR)/sample_submission.csv) | $(SETUP)
+	$(eval BLEND_MADE := 1)
+	$(CLI) submission --run-dir $(BLEND_DIR) --sample-submission '$(DATA_DIR)/sample_submission.csv' \
 		--out $@ --clip $(CLIP)
 endif
 

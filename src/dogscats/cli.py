@@ -156,6 +156,8 @@ def _train_args(p):
     p.add_argument("--tta", default="none", choices=["none", "flip"])
     p.add_argument("--folds", type=int, default=config.FOLDS)
     p.add_argument("--seed", type=int, default=config.SEED)
+    p.add_argument("--exclude", help="list of train files to leave out of every fit")
+    p.add_argument("--normalise", default="standard", choices=config.NORMALISATIONS)
 
 
 @command("train", "cross-validated head on concatenated features")(_train_args)
@@ -163,8 +165,27 @@ def train_cmd(args):
     from dogscats import train
 
     train.train(
-        args.features, args.out, head=args.head, tta=args.tta, n_folds=args.folds, seed=args.seed
+        args.features,
+        args.out,
+        head=args.head,
+        tta=args.tta,
+        n_folds=args.folds,
+        seed=args.seed,
+        exclude=args.exclude,
+        normalise=args.normalise,
     )
+
+
+def _blend_args(p):
+    p.add_argument("--runs", nargs="*", default=[], help="run folders to blend")
+    p.add_argument("--out", required=True, help="run folder to write")
+
+
+@command("blend", "non-negative blend of runs' logits, weights from out-of-fold")(_blend_args)
+def blend_cmd(args):
+    from dogscats import blend
+
+    blend.blend(args.runs, args.out)
 
 
 def _given_hyperparameters(args: argparse.Namespace) -> dict:

@@ -24,7 +24,16 @@ HEADS = ("logreg", "keras", "zeroshot")
 # README's quality table has the comparison that made logreg the default.
 DEFAULT_HEAD = "logreg"
 TTAS = ("none", "flip")
+# How the logreg head normalises its inputs (heads.LogisticHead): "standard" standardises every
+# feature, "ssr_l2" takes the signed square root and L2-normalises each backbone's block first.
+# README's lever table has the comparison that made ssr_l2 the default of `make` (NORM).
+NORMALISATIONS = ("standard", "ssr_l2")
+DEFAULT_NORM = "ssr_l2"
 PRECISIONS = ("float32", "bfloat16")
+WEIGHT_MODES = ("imagenet", "random")  # or the path of a weights file
+AUGMENTS = ("flip", "full")
+REPORT_IMAGES = 48  # make report's K: thumbnails per gallery
+
 DEVICES_HELP = "auto (every accelerator, else the CPU), cpu, or a number of devices"
 
 
@@ -36,9 +45,6 @@ def parse_devices(value: str) -> str | int:
     if value.isdigit() and int(value) > 0:
         return int(value)
     raise ValueError(f"DEVICES must be {DEVICES_HELP}. Received: {value!r}")
-WEIGHT_MODES = ("imagenet", "random")  # or the path of a weights file
-AUGMENTS = ("flip", "full")
-REPORT_IMAGES = 48  # make report's K: thumbnails per gallery
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,9 +152,54 @@ def feature_backbone(feature_file: str | os.PathLike) -> str:
     return Path(feature_file).name.split(".", 1)[0]
 
 
-def head_run_name(backbones: list[str], head: str, **settings) -> str:
-    """e.g. `efficientnet_lite0+efficientnet_lite1__logreg__flip`."""
-    return f"{'+'.join(backbones)}__{head}{settings_suffix(**settings)}"
+def head_run_name(
+    backbones: list[str], head: str, exclude: str = "", normalise: str = "standard", **settings
+) -> str:
+    """e.g. `efficientnet_lite0+efficientnet_lite1__logreg__flip`; a normalisation other than
+    "standard" adds its name (`__ssr_l2`), an EXCLUDE list its file's stem
+    (`__excl-mislabelled-train`)."""
+    norm = "" if normalise == "standard" else f"__{normalise}"
+    suffix = f"{settings_suffix(**settings)}{norm}{exclude_suffix(exclude)}"
+    return f"{'+'.join(backbones)}__{head}{suffix}"
+
+
+def exclude_suffix(exclude: str | os.PathLike = "") -> str:
+    if not exclude:
+        return ""
+    stem = "".join(c if c.isalnum() or c in "-_" else "-" for c in Path(exclude).stem)
+    return f"__excl-{stem}"
+
+
+BLEND_PREFIX = "blend__"
+RUN_METRICS = "metrics.json"  # the file that marks a finished run folder (runs.py)
+
+
+def blend_run_name(run_names: list[str]) -> str:
+    """e.g. `blend__3runs-1a2b3c4d`: the number of runs and a digest of their sorted names."""
+    digest = hashlib.sha1("\n".join(sorted(run_names)).encode()).hexdigest()[:8]
+    return f"{BLEND_PREFIX}{len(run_names)}runs-{digest}"
+
+
+# Folders beside finished runs: store.atomic_dir's partial and old ones, fine-tuning's work.
+UNFINISHED_SUFFIXES = (".partial", ".old", ".work")
+
+
+def list_runs(models: str | os.PathLike, blends: bool = True) -> list[Path]:
+    """The finished run folders (with metrics.json) in a models folder, by name: no partial,
+    old or work folders; blends too unless `blends` is False."""
+    folder = Path(models)
+    found = folder.glob(f"*/{RUN_METRICS}") if folder.is_dir() else []
+    return sorted(
+        p.parent
+        for p in found
+        if p.parent.suffix not in UNFINISHED_SUFFIXES
+        and (blends or not p.parent.name.startswith(BLEND_PREFIX))
+    )
+
+
+def finished_runs(data_dir: str | os.PathLike, features_root: Path = FEATURES_DIR) -> list[Path]:
+    """The finished runs of a data set that a blend may take: every one but the blends."""
+    return list_runs(models_dir(data_dir, features_root), blends=False)
 
 
 # The fine-tuning hyperparameters a user may set (make's FT_*, the CLI's flags): keyword, the

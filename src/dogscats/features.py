@@ -237,6 +237,7 @@ class FeatureSet:
     test_flip: np.ndarray | None = None
     train_zeroshot: np.ndarray | None = None
     test_zeroshot: np.ndarray | None = None
+    blocks: tuple[int, ...] | None = None  # widths of each backbone's columns, in order
 
     def for_head(self, columns: str) -> FeatureSet:
         """What a head reads (`heads.*.input`): the features, or the zero-shot P(dog) column
@@ -287,6 +288,7 @@ def load_feature_set(paths: list[str | os.PathLike], tta: str = "none") -> Featu
         test_flip=_concat(test, "features_flip") if flip else None,
         train_zeroshot=_zeroshot(train, flip),
         test_zeroshot=_zeroshot(test, flip),
+        blocks=tuple(int(d["features"].shape[1]) for d in train),
     )
 
 

@@ -1,6 +1,8 @@
 """Heads: classifiers on the concatenated GAP features, as scikit-learn estimators.
 
-    logreg    LogisticHead: standardised features + LogisticRegression, C chosen by inner CV.
+    logreg    LogisticHead: normalised features (standardised, or `ssr_l2`: signed square root
+              and L2 per backbone first) + LogisticRegression, C chosen by inner CV grouped by
+              image (an image and its mirror are never on both sides).
     keras     KerasHead: Dropout(0.5) + Dense(1, sigmoid), early stopping on held-out rows.
     zeroshot  ZeroShotHead: no training; its one input column is the backbones' own ImageNet
               classifier's P(dog) (dog mass / dog + cat mass).
@@ -17,9 +19,9 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin
 from sklearn.linear_model import LogisticRegressionCV
-from sklearn.model_selection import StratifiedKFold, train_test_split
+from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.multiclass import check_classification_targets, type_of_target
@@ -39,7 +41,14 @@ class _Head(ClassifierMixin, BaseEstimator):
 
 
 class LogisticHead(_Head):
-    """Standardised features, then L2 logistic regression with C picked by inner stratified CV."""
+    """Normalised features, then L2 logistic regression with C picked by inner CV.
+
+    The inner folds split by `groups` (fit's keyword: one id per image, shared by an image and
+    its mirror under TTA=flip); without groups every row is its own group. `normalise`:
+    "standard" standardises every feature; "ssr_l2" first takes the signed square root and
+    scales each backbone's block (`blocks`: their widths, set from the feature set) to unit L2
+    norm, then standardises. Only "standard" folds into one Dense layer (`dense_weights`).
+    """
 
     def __init__(
         self,
@@ -47,16 +56,26 @@ class LogisticHead(_Head):
         Cs=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1),
         inner_folds=3,
         max_iter=3000,
+        normalise="standard",
+        blocks=None,
         random_state=None,
     ):
         self.Cs = Cs
         self.inner_folds = inner_folds
         self.max_iter = max_iter
+        self.normalise = normalise
+        self.blocks = blocks
         self.random_state = random_state
 
-    def fit(self, X, y, X_val=None, y_val=None):  # X_val unused: C comes from inner CV
+    def fit(self, X, y, X_val=None, y_val=None, groups=None):  # X_val unused: C by inner CV
         X, y = validate_data(self, X, y, dtype=np.float32)
-        inner = StratifiedKFold(self.inner_folds, shuffle=True, random_state=self.random_state)
+        check_classification_targets(y)
+        if self.normalise not in NORMALISATIONS:
+            raise ValueError(
+                f"normalise must be one of {', '.join(NORMALISATIONS)}. "
+                f"Received: {self.normalise!r}"
+            )
+        inner = inner_splits(y, groups, self.inner_folds, self.random_state)
         with warnings.catch_warnings():  # scikit-learn 1.8+ announces API changes we don't use
             warnings.simplefilter("ignore", FutureWarning)
             self.pipeline_ = self._pipeline(inner).fit(X, y)
@@ -66,7 +85,9 @@ class LogisticHead(_Head):
         return self
 
     def _pipeline(self, inner):
+        steps = [BlockNormaliser(blocks=self.blocks)] if self.normalise == "ssr_l2" else []
         return make_pipeline(
+            *steps,
             StandardScaler(),
             LogisticRegressionCV(
                 Cs=list(self.Cs), cv=inner, scoring="neg_log_loss", max_iter=self.max_iter
@@ -83,10 +104,56 @@ class LogisticHead(_Head):
         Folding the scaler into the weights lets fine-tuning start from this exact head.
         """
         check_is_fitted(self)
+        if self.normalise != "standard":
+            raise ValueError(
+                f"A LogisticHead with normalise={self.normalise!r} is not one Dense layer on "
+                "raw features: fine-tuning starts from normalise='standard' heads only."
+            )
         scaler, logistic = self.pipeline_
         kernel = logistic.coef_[0] / scaler.scale_
         bias = logistic.intercept_[0] - np.sum(kernel * scaler.mean_)
         return kernel[:, None].astype("float32"), np.array([bias], "float32")
+
+
+NORMALISATIONS = config.NORMALISATIONS
+
+
+def inner_splits(y: np.ndarray, groups, n_splits: int, random_state) -> list:
+    """Stratified inner folds that keep each group (an image and its mirror) on one side."""
+    groups = np.arange(len(y)) if groups is None else np.asarray(groups)
+    splitter = StratifiedGroupKFold(n_splits, shuffle=True, random_state=random_state)
+    return list(splitter.split(np.zeros(len(y)), y, groups))
+
+
+FLOATS = [np.float32, np.float64]  # kept as given; anything else becomes float32
+
+
+class BlockNormaliser(TransformerMixin, BaseEstimator):
+    """Signed square root, then each block of columns (one backbone's features) scaled to
+    unit L2 norm, so that no backbone dominates by its scale. Stateless."""
+
+    def __init__(self, *, blocks=None):
+        self.blocks = blocks
+
+    def fit(self, X, y=None):
+        validate_data(self, X, dtype=FLOATS)
+        widths = self.blocks or (self.n_features_in_,)
+        if sum(widths) != self.n_features_in_:
+            raise ValueError(
+                f"blocks {tuple(widths)} cover {sum(widths)} columns; X has {self.n_features_in_}"
+            )
+        return self
+
+    def transform(self, X):
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=FLOATS, reset=False)
+        X = np.sign(X) * np.sqrt(np.abs(X))
+        edges = np.cumsum(self.blocks or (self.n_features_in_,))[:-1]
+        parts = [
+            p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12)
+            for p in np.split(X, edges, axis=1)
+        ]
+        return np.concatenate(parts, axis=1)
 
 
 class KerasHead(_Head):
@@ -119,13 +186,18 @@ class KerasHead(_Head):
         self.random_state = random_state
         self.verbose = verbose
 
-    def fit(self, X, y, X_val=None, y_val=None):
+    def fit(self, X, y, X_val=None, y_val=None, groups=None):
         import keras
 
         X, y = validate_data(self, X, y, dtype=np.float32)
         self.classes_ = _binary_classes(y)
         target = self._target(y)
-        if X_val is None:
+        if X_val is None and groups is not None:  # hold out whole images, mirrors included
+            n_splits = max(2, round(1 / self.validation_fraction))
+            fit_rows, stop_rows = inner_splits(target, groups, n_splits, self.random_state)[0]
+            X_val, val_target = X[stop_rows], target[stop_rows]
+            X, target = X[fit_rows], target[fit_rows]
+        elif X_val is None:
             X, X_val, target, val_target = train_test_split(
                 X,
                 target,
@@ -233,7 +305,7 @@ class ZeroShotHead(_Head):
     def __init__(self, *, random_state=None):
         self.random_state = random_state  # unused: kept so every head takes the same keywords
 
-    def fit(self, X, y, X_val=None, y_val=None):
+    def fit(self, X, y, X_val=None, y_val=None, groups=None):
         validate_data(self, X, y)
         self.classes_ = np.array([0, 1])
         return self
@@ -248,8 +320,13 @@ HEADS = {"logreg": LogisticHead, "keras": KerasHead, "zeroshot": ZeroShotHead}
 assert tuple(HEADS) == config.HEADS, "config.HEADS names the heads for the CLI and make"
 
 
-def make_head(name: str, random_state: int = config.SEED) -> _Head:
-    """A head by its HEAD name, seeded."""
+def make_head(name: str, random_state: int = config.SEED, normalise: str = "standard") -> _Head:
+    """A head by its HEAD name, seeded; `normalise` (NORM) for the heads that take it."""
     if name not in HEADS:
         raise ValueError(f"HEAD must be one of {', '.join(HEADS)}. Received: {name!r}")
-    return HEADS[name](random_state=random_state)
+    head = HEADS[name](random_state=random_state)
+    if "normalise" in head.get_params():
+        return head.set_params(normalise=normalise)
+    if normalise != "standard":
+        raise ValueError(f"NORM={normalise} is an option of HEAD=logreg only. Received: {name!r}")
+    return head

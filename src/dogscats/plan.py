@@ -34,6 +34,9 @@ class Variables:
     blocks: str = "1"
     augment: str = "flip"
     ft_head: str = config.DEFAULT_HEAD
+    norm: str = config.DEFAULT_NORM  # logreg's input normalisation (HEAD=logreg only)
+    exclude: str = ""  # a list of train files left out of the head's fits (exclude.py)
+    runs: str = ""  # make blend: run names or folders; empty = every finished run
     finetune: bool = False  # HEAD=finetune or `make finetune`: BACKBONE's arrays are needed
     hyperparameters: dict[str, str] = field(default_factory=dict)  # FT_* set on the command line
 
@@ -58,6 +61,7 @@ def _check(v: Variables) -> None:
         ("HEAD", v.head, (*config.HEADS, "finetune")),
         ("FT_HEAD", v.ft_head, config.HEADS),
         ("TTA", v.tta, config.TTAS),
+        ("NORM", v.norm, config.NORMALISATIONS),
         ("PRECISION", v.precision, config.PRECISIONS),
         ("AUGMENT", v.augment, config.AUGMENTS),
     ):
@@ -67,6 +71,11 @@ def _check(v: Variables) -> None:
         if not value.isdigit():
             raise ValueError(f"{name} must be a whole number. Received: {value!r}")
     config.parse_devices(v.devices)
+    if v.exclude and not os.path.isfile(v.exclude):
+        raise ValueError(
+            f"EXCLUDE={v.exclude}: no such file. Give a list of train file names, one per "
+            "line, e.g. EXCLUDE=lists/mislabelled-train.txt"
+        )
     if " " in os.path.abspath(v.data_dir):
         raise ValueError(
             f"DATA_DIR={v.data_dir!r}: make cannot handle spaces in paths; link the folder to "
@@ -99,13 +108,17 @@ def plan(v: Variables) -> list[str]:
         return _relative(config.arrays_dir(v.data_dir, size))
 
     models = config.models_dir(v.data_dir)
+    # NORM is logreg's; fine-tuning starts from a head that is one Dense layer: "standard".
+    head_norm = v.norm if v.head == "logreg" else "standard"
     ft_head_run = _relative(models / config.head_run_name([v.backbone], v.ft_head, **settings))
     hp = {key: value for key, value in v.hyperparameters.items() if value}
     ft_run = config.finetune_run_name(v.backbone, int(v.blocks), v.augment, hp, **settings)
     if v.head == "finetune":
         run, head_features = ft_run, [feature_file(v.backbone)]
     else:
-        run = config.head_run_name(names, v.head, **settings)
+        run = config.head_run_name(
+            names, v.head, exclude=v.exclude, normalise=head_norm, **settings
+        )
         head_features = [feature_file(name) for name in names]
     lines = [
         f"DS := {config.dataset_key(v.data_dir)}",
@@ -122,10 +135,27 @@ def plan(v: Variables) -> list[str]:
         f"FT_FLAGS := {' '.join(_flag(key, value) for key, value in hp.items())}",
         f"TRAIN_VERSION := {_relative(config.method_version_file('train'))}",
         f"FINETUNE_VERSION := {_relative(config.method_version_file('finetune'))}",
+        f"EXCLUDE_FILE := {v.exclude}",
+        f"HEAD_NORM := {head_norm}",
+        *_blend_lines(v, models),
     ]
     for name in dict.fromkeys([*names, v.backbone]):
         lines += _feature_rule(feature_file(name), name, arrays(name))
     return lines
+
+
+def _blend_lines(v: Variables, models: Path) -> list[str]:
+    """`make blend`: the runs (RUNS, names or folders; default every finished run), the blend's
+    run folder and submission."""
+    given = [Path(r) if "/" in r else models / r for r in v.runs.split()]
+    run_dirs = given or config.finished_runs(v.data_dir)
+    name = config.blend_run_name([p.name for p in run_dirs])
+    return [
+        f"BLEND_RUN_DIRS := {' '.join(_relative(p) for p in run_dirs)}",
+        f"BLEND_DIR := {_relative(models / name)}",
+        f"BLEND_SUBMISSION := {_relative(config.submission_path(v.data_dir, name, v.clip))}",
+        f"BLEND_VERSION := {_relative(config.method_version_file('blend'))}",
+    ]
 
 
 def _flag(keyword: str, value: str) -> str:

@@ -19,12 +19,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dogscats import store
+from dogscats import config, store
 
-METRICS = "metrics.json"
+METRICS = config.RUN_METRICS
 HISTORY = "history_{fold}.csv"  # fine-tuning's per-fold epochs (Keras CSVLogger)
-# Folders beside finished runs: store.atomic_dir's partial and old ones, fine-tuning's work.
-UNFINISHED_SUFFIXES = (".partial", ".old", ".work")
 
 
 @dataclass
@@ -97,18 +95,6 @@ class Run:
             if path.is_file() and path.stat().st_size:
                 found[fold] = pd.read_csv(path)
         return found
-
-
-def list_runs(models_dir: str | os.PathLike) -> list[Path]:
-    """The finished run folders in a models folder, by name (no partial, old or work ones)."""
-    folder = Path(models_dir)
-    if not folder.is_dir():
-        return []
-    return sorted(
-        path
-        for path in folder.iterdir()
-        if path.suffix not in UNFINISHED_SUFFIXES and metrics_path(path).is_file()
-    )
 
 
 def read_run(run_dir: str | os.PathLike) -> Run:

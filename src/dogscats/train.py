@@ -18,6 +18,7 @@ from sklearn.metrics import accuracy_score, log_loss
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from dogscats import config, runs
+from dogscats import exclude as exclude_list
 from dogscats.features import FeatureSet, load_feature_set
 from dogscats.heads import make_head
 
@@ -59,12 +60,18 @@ def predict_with_tta(model, X: np.ndarray, X_flip: np.ndarray | None) -> np.ndar
     return p
 
 
-def _rows_with_mirrors(data: FeatureSet, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Features and labels of these train rows; mirrored features (TTA) double them."""
-    X, y = data.train[rows], data.y[rows]
+def _rows_with_mirrors(
+    data: FeatureSet, rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features, labels and groups of these train rows; mirrored features (TTA) double them.
+
+    The group of a row is its image's row number, shared by its mirror: inner CV splits by it.
+    """
+    X, y, groups = data.train[rows], data.y[rows], rows
     if data.train_flip is not None:
         X, y = np.concatenate([X, data.train_flip[rows]]), np.concatenate([y, y])
-    return X, y
+        groups = np.concatenate([rows, rows])
+    return X, y, groups
 
 
 def fit_on_rows(head, data: FeatureSet, rows: np.ndarray):
@@ -72,7 +79,9 @@ def fit_on_rows(head, data: FeatureSet, rows: np.ndarray):
 
     A head that early-stops (it has `validation_fraction`) watches a stratified share of these
     rows, split by image before the mirrors are added: an image whose mirror it trains on
-    would flatter the loss it stops on.
+    would flatter the loss it stops on. Every choice the head makes inside (the inner CV of C)
+    gets the rows' groups, so it splits by image too. A head with `blocks` learns the
+    backbones' column blocks from the feature set.
     """
     rows = np.flatnonzero(rows) if rows.dtype == bool else rows
     stop = None
@@ -82,9 +91,12 @@ def fit_on_rows(head, data: FeatureSet, rows: np.ndarray):
         rows, stop = train_test_split(
             rows, test_size=fraction, stratify=data.y[rows], random_state=seed
         )
-    X, y = _rows_with_mirrors(data, rows)
-    X_val, y_val = _rows_with_mirrors(data, stop) if stop is not None else (None, None)
-    return clone(head).fit(X, y, X_val=X_val, y_val=y_val)
+    X, y, groups = _rows_with_mirrors(data, rows)
+    X_val, y_val, _ = _rows_with_mirrors(data, stop) if stop is not None else (None, None, None)
+    model = clone(head)
+    if data.blocks and model.get_params().get("blocks", ()) is None:
+        model.set_params(blocks=data.blocks)
+    return model.fit(X, y, X_val=X_val, y_val=y_val, groups=groups)
 
 
 def predict_rows(model, data: FeatureSet, rows: np.ndarray) -> np.ndarray:
@@ -93,15 +105,21 @@ def predict_rows(model, data: FeatureSet, rows: np.ndarray) -> np.ndarray:
     return predict_with_tta(model, data.train[rows], flip)
 
 
-def cross_validate(head, data: FeatureSet, folds: np.ndarray, log=print) -> CVResult:
-    """Fit one clone of `head` per fold on the other folds' rows; the fold is only scored."""
+def cross_validate(
+    head, data: FeatureSet, folds: np.ndarray, log=print, excluded: np.ndarray | None = None
+) -> CVResult:
+    """Fit one clone of `head` per fold on the other folds' rows; the fold is only scored.
+
+    `excluded` (a boolean mask) rows are never fitted on, but still predicted out of fold.
+    """
     data = data.for_head(head.input)
     n_folds = folds.max() + 1
+    kept = np.ones(len(data.y), bool) if excluded is None else ~excluded
     oof = np.zeros(len(data.y))
     test = np.zeros(len(data.test))
     fold_scores, models = [], []
     for fold in range(n_folds):
-        fit_rows, val_rows = folds != fold, folds == fold
+        fit_rows, val_rows = (folds != fold) & kept, folds == fold
         model = fit_on_rows(head, data, fit_rows)
         oof[val_rows] = predict_rows(model, data, val_rows)
         test += predict_with_tta(model, data.test, data.test_flip) / n_folds
@@ -119,9 +137,14 @@ def train(
     tta: str = "none",
     n_folds: int = config.FOLDS,
     seed: int = config.SEED,
+    exclude: str | os.PathLike | None = None,
+    normalise: str = "standard",
     log=print,
 ) -> Path:
-    """Cross-validate a head on the concatenated features; write the run folder (runs.py)."""
+    """Cross-validate a head on the concatenated features; write the run folder (runs.py).
+
+    `exclude`: a list of train files (exclude.py) left out of every fold's fitting.
+    """
     out = Path(out)
     settings = {
         "method_version": config.method_version("train"),
@@ -130,21 +153,29 @@ def train(
         "folds": n_folds,
         "seed": seed,
         "feature_files": [str(p) for p in feature_files],
+        "exclude": exclude_list.settings(exclude),
+        "normalise": normalise,
     }
     inputs = [Path(p) for p in feature_files] + [config.method_version_file("train")]
-    if runs.up_to_date(out, settings, inputs, log):
+    if runs.up_to_date(out, settings, inputs + ([Path(exclude)] if exclude else []), log):
         return out
     began = time.monotonic()
-    estimator = make_head(head, seed)
+    estimator = make_head(head, seed, normalise)
     data = load_feature_set(feature_files, tta)
-    folds = make_folds(data.y, n_folds, seed)
+    excluded = exclude_list.excluded_rows(data.train_ids, exclude) if exclude else None
+    folds = make_folds(data.y, n_folds, seed)  # of every row: the same folds as without EXCLUDE
     log(
         f"{head} head on {data.train.shape[1]} features x {len(data.y)} images, "
         f"{n_folds} folds, TTA={tta}"
     )
-    result = cross_validate(estimator, data, folds, log)
+    if excluded is not None:
+        log(f"EXCLUDE={exclude}: {int(excluded.sum())} train images left out of every fit")
+    result = cross_validate(estimator, data, folds, log, excluded)
+    kept = np.ones(len(data.y), bool) if excluded is None else ~excluded
     metrics = {
         **result.summary(data.y),
+        "excluded": [] if excluded is None else data.train_ids[excluded].astype(str).tolist(),
+        "kept_log_loss": scores(data.y[kept], result.oof[kept])["log_loss"],
         "head": head,
         "tta": tta,
         "folds": n_folds,
@@ -157,6 +188,7 @@ def train(
     log(
         f"out-of-fold: log_loss={metrics['log_loss']:.5f} accuracy={metrics['accuracy']:.4f} "
         f"(fold std {metrics['fold_log_loss_std']:.5f})"
+        + (f"; on the rows kept: {metrics['kept_log_loss']:.5f}" if excluded is not None else "")
     )
     predictions = runs.Predictions(
         data.train_ids, data.y, result.folds, result.oof, data.test_ids, result.test

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from dogscats import config, runs, store, submission
+from dogscats import config, store, submission
 from dogscats.report import figures, gallery, page, table
 
 K = config.REPORT_IMAGES  # thumbnails per gallery (make's K)
@@ -46,7 +46,7 @@ def write_report(
     if k < 1:
         raise ValueError(f"K must be at least 1. Received: {k}")
     truth = _check_labels(labels)
-    folders = runs.list_runs(config.models_dir(data_dir))
+    folders = config.list_runs(config.models_dir(data_dir))
     if not folders:
         raise FileNotFoundError(
             f"no finished run in {config.models_dir(data_dir)}: run `make submission` "

@@ -107,7 +107,7 @@ def read_rows(
     progress=None,
 ) -> list[RunRow]:
     """Every finished run of the dataset, best (lowest out-of-fold log loss) first."""
-    folders = runs.list_runs(models_dir or config.models_dir(data_dir))
+    folders = config.list_runs(models_dir or config.models_dir(data_dir))
     rows = []
     for folder in folders:
         rows.append(read_row(data_dir, folder, labels))

@@ -1,0 +1,58 @@
+"""EXCLUDE lists: train files to leave out of every head's training.
+
+The format, shared with anything that writes such a list (lists/mislabelled-train.txt, the
+report's gallery): one train file name per line (`cat.4688.jpg`), `#` starts a comment, blank
+lines are skipped. Excluded rows keep their fold and are still predicted out of fold, so a run
+with EXCLUDE and one without can be compared on the rows both keep.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from dogscats import store
+
+SUFFIX = ".jpg"  # train ids are the file names without it (features' `ids`)
+
+
+def read_list(path: str | os.PathLike) -> list[str]:
+    """The file names a list holds, in order, without comments, blank lines or repeats."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"EXCLUDE={path}: no such file (one train file name per line)")
+    lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
+    return list(dict.fromkeys(line for line in lines if line))  # each name once, in order
+
+
+def write_list(path: str | os.PathLike, names: list[str], header: str = "") -> Path:
+    """A list in the same format: `header` as `#` comment lines, then one file name a line."""
+    comments = "".join(f"# {line}\n".replace("# \n", "#\n") for line in header.splitlines())
+    return store.write_text(path, comments + "".join(f"{name}\n" for name in names))
+
+
+def excluded_rows(train_ids: np.ndarray, path: str | os.PathLike) -> np.ndarray:
+    """Boolean mask of the train rows the list names; names not among them are refused."""
+    names = read_list(path)
+    ids = [name.removesuffix(SUFFIX) for name in names]
+    known = set(np.asarray(train_ids).astype(str))
+    unknown = [name for name, id_ in zip(names, ids) if id_ not in known]
+    if unknown:
+        shown = ", ".join(unknown[:10]) + (
+            f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+        )
+        raise ValueError(
+            f"EXCLUDE={path} names {len(unknown)} file(s) that are not train images of this "
+            f"data set: {shown}. Keep only the lines naming files in DATA_DIR/train."
+        )
+    return np.isin(np.asarray(train_ids).astype(str), ids)
+
+
+def settings(path: str | os.PathLike | None) -> dict | None:
+    """What a run records of its EXCLUDE list: the file and a digest of its content."""
+    if not path:
+        return None
+    names = read_list(path)
+    return {"file": str(path), "count": len(names), "sha1": store.digest(Path(path).read_bytes())}
