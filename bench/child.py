@@ -17,12 +17,17 @@ RESULT_MARK = "@@bench-result@@ "
 TASKS_SCRIPT = Path(__file__).resolve().with_name("tasks.py")
 
 
-def in_child(task: str, sample_memory: bool = False, **kwargs: object) -> dict:
-    """Run `task(**kwargs)` of tasks.py in a fresh interpreter; add wall time and, if asked, the
-    peaks of the RSS and PSS summed over its process tree (sampled, so a short spike can be
-    missed)."""
+def in_child(
+    task: str, sample_memory: bool = False, env: dict | None = None, **kwargs: object
+) -> dict:
+    """Run `task(**kwargs)` of tasks.py in a fresh interpreter (with `env`'s variables set,
+    or removed where None); add wall time and, if asked, the peaks of the RSS and PSS summed
+    over its process tree (sampled, so a short spike can be missed)."""
     request = json.dumps({"task": task, "kwargs": kwargs})
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    changes = {"TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    env = {**os.environ, **{k: v for k, v in changes.items() if v is not None}}
+    for name in [k for k, v in changes.items() if v is None]:
+        env.pop(name, None)
     start = time.perf_counter()
     with subprocess.Popen(
         [sys.executable, str(TASKS_SCRIPT), request],

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-STAGES = ("preprocess", "features", "scaling", "submission", "precision")
+STAGES = ("preprocess", "features", "scaling", "submission", "precision", "allocator")
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,9 @@ class Plan:
     precision_rounds: int = 4  # alternations of float32 / bfloat16 bare forward passes
     precision_calls: int = 5  # forward calls per alternation
     folds: int = 5
+    allocator_backbone: str = "efficientnet_lite1"
+    allocator_images: int = 600  # train images (half as many test) extracted per run
+    allocator_rounds: int = 2  # alternations of TensorFlow's default CPU allocator and BFC
 
 
 QUICK = Plan(
@@ -50,6 +53,8 @@ QUICK = Plan(
     precision_rounds=1,
     precision_calls=1,
     folds=2,
+    allocator_images=8,
+    allocator_rounds=1,
 )
 
 

@@ -299,6 +299,27 @@ def _section_precision(r: dict) -> list[str]:
     ]
 
 
+def _section_allocator(r: dict) -> list[str]:
+    if "skipped" in r:
+        return [f"Skipped: {r['skipped']}."]
+    rows = [
+        f"{name} | {r['rate'][name]:.1f} | {r['faults_per_image'][name]:.0f} | "
+        f"{r['cpu_s'][name]:.1f} | {', '.join(f'{x:.1f}' for x in r['runs_s'][name])}"
+        for name in r["rate"]
+    ]
+    verdict = "BFC is faster" if r["speedup"] > 1 else "the default is faster"
+    return [
+        f"`features.extract` of {r['backbone']} (random weights, batch {r['batch_size']}) on "
+        f"{r['images']} images, in fresh processes with TensorFlow's default CPU allocator and "
+        "with `TF_CPU_ALLOCATOR_USE_BFC=true`, alternated round by round; the best run of "
+        "each counts. Page faults: the process's minor faults over the whole run, per image.",
+        "",
+        *_table("allocator | img/s | page faults / image | CPU s | runs s", rows),
+        "",
+        f"**BFC / default speed: {r['speedup']:.2f} ({verdict}).**",
+    ]
+
+
 SECTIONS: list[tuple[str, str, Callable[[dict], list[str]]]] = [
     ("1. Preprocessing", "preprocess", _section_preprocess),
     ("2. Feature extraction", "features", _section_features),
@@ -306,6 +327,7 @@ SECTIONS: list[tuple[str, str, Callable[[dict], list[str]]]] = [
     ("4. Cost growth: seconds per image on N and 4N", "scaling", _section_growth),
     ("5. make submission, cold and warm", "submission", _section_submission),
     ("6. Precision: bfloat16 against float32", "precision", _section_precision),
+    ("7. TensorFlow's CPU allocator", "allocator", _section_allocator),
 ]
 
 

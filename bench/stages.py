@@ -383,10 +383,65 @@ def measure_precision(ctx: Context) -> dict:
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# 6. TensorFlow's CPU allocator
+
+ALLOCATORS = {"default": None, "bfc": "true"}  # TF_CPU_ALLOCATOR_USE_BFC
+
+
+def measure_allocator(ctx: Context) -> dict:
+    """Extraction with TensorFlow's default CPU allocator and with its BFC allocator
+    (TF_CPU_ALLOCATOR_USE_BFC=true), alternated round by round on the same arrays: seconds and
+    minor page faults per image (the default allocator hands large buffers back to the kernel
+    after each batch, and faults them in again)."""
+    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    if backend != "tensorflow":
+        return {"skipped": f"KERAS_BACKEND={backend}: the allocator is TensorFlow's"}
+    plan = ctx.plan
+    root = ctx.work / "allocator"
+    n_train = plan.allocator_images
+    data = symlink_dataset(ctx.data_dir, root / "data", n_train, n_train // 2)
+    size = _input_size(plan.allocator_backbone)
+    arrays_dir = root / "arrays"
+    in_child(
+        "preprocess", data_dir=str(data), size=size, out_dir=str(arrays_dir), workers=plan.workers
+    )
+    runs: dict[str, list[dict]] = {name: [] for name in ALLOCATORS}
+    for _ in range(plan.allocator_rounds):
+        for name, value in ALLOCATORS.items():
+            out = root / f"{name}.h5"
+            runs[name].append(
+                in_child(
+                    "extract",
+                    env={"TF_CPU_ALLOCATOR_USE_BFC": value},
+                    data_dir=str(data),
+                    arrays_dir=str(arrays_dir),
+                    backbone=plan.allocator_backbone,
+                    weights="random",
+                    batch_size=plan.batch_size,
+                    out=str(out),
+                )
+            )
+            out.unlink(missing_ok=True)
+    best = {name: min(r, key=lambda x: x["seconds"]) for name, r in runs.items()}
+    images = best["default"]["images"]
+    return {
+        "backbone": plan.allocator_backbone,
+        "images": images,
+        "batch_size": plan.batch_size,
+        "runs_s": {name: [r["seconds"] for r in rs] for name, rs in runs.items()},
+        "rate": {name: images / b["seconds"] for name, b in best.items()},
+        "cpu_s": {name: b["cpu_s"] for name, b in best.items()},
+        "faults_per_image": {name: b["minor_faults"] / images for name, b in best.items()},
+        "speedup": best["default"]["seconds"] / best["bfc"]["seconds"],
+    }
+
+
 MEASUREMENTS: dict[str, Callable[[Context], dict]] = {
     "preprocess": measure_preprocess,
     "features": measure_features,
     "scaling": measure_scaling,
     "submission": measure_submission,
     "precision": measure_precision,
+    "allocator": measure_allocator,
 }

@@ -28,6 +28,7 @@ def main() -> None:
     result = TASKS[request["task"]](**request["kwargs"])
     result["rss_self_mb"] = _maxrss_mb(resource.RUSAGE_SELF)
     result["rss_children_mb"] = _maxrss_mb(resource.RUSAGE_CHILDREN)  # largest pool worker
+    result["minor_faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     print(RESULT_MARK + json.dumps(result), flush=True)
 
 
