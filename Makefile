@@ -47,6 +47,7 @@ PLAN_ARGS := --data-dir '$(DATA_DIR)' --backbones '$(BACKBONES)' --head '$(HEAD)
 	--clip '$(CLIP)' --backbone '$(BACKBONE)' --blocks '$(BLOCKS)' --augment '$(AUGMENT)' \
 	--ft-head '$(FT_HEAD)' --ft-epochs '$(FT_EPOCHS)' --ft-learning-rate '$(FT_LR)' \
 	--ft-batch-size '$(FT_BATCH)' --ft-patience '$(FT_PATIENCE)' --ft-dropout '$(FT_DROPOUT)' \
+	--batch-size '$(BATCH_SIZE)' --workers '$(WORKERS)' \
 	$(if $(filter finetune,$(HEAD) $(MAKECMDGOALS)),--finetune)
 PLAN := $(shell PYTHONPATH=src $(PYTHON) -m dogscats.cli plan $(PLAN_ARGS))
 $(eval $(subst ;;,$(newline),$(PLAN)))

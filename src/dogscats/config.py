@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -26,6 +27,9 @@ TTAS = ("none", "flip")
 PRECISIONS = ("float32", "bfloat16")
 WEIGHT_MODES = ("imagenet", "random")  # or the path of a weights file
 AUGMENTS = ("flip", "full")
+# Kaggle's file names: train/cat.N.jpg, train/dog.N.jpg (label from the name), test/N.jpg (id).
+TRAIN_NAME = re.compile(r"(cat|dog)\.(\d+)\.jpg")
+TEST_NAME = re.compile(r"(\d+)\.jpg")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ sample_submission.csv. Nothing here writes into DATA_DIR except `ensure_data` (`
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -18,11 +17,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dogscats.config import CAT, COMPETITION, DOG
+from dogscats.config import CAT, COMPETITION, DOG, TEST_NAME, TRAIN_NAME
 from dogscats.store import SPLITS
 
-TRAIN_NAME = re.compile(r"(cat|dog)\.(\d+)\.jpg")
-TEST_NAME = re.compile(r"(\d+)\.jpg")
 TRAIN_NAME_REASON = "name does not match cat.N.jpg / dog.N.jpg"
 LABELS = {"cat": CAT, "dog": DOG}
 
