@@ -128,3 +128,71 @@ def test_feature_set_concatenates_and_checks_ids(tmp_path):
         features.load_feature_set([a, c])
     with pytest.raises(features.FeatureMismatchError, match="TTA=flip needs mirrored"):
         features.load_feature_set([a], tta="flip")
+
+
+# ---------------------------------------------------------------------------------------------
+# Complete or absent (issue 12): a full disk, a file that fails its check, a damaged cache
+
+
+def test_a_full_disk_stops_with_one_line_and_leaves_no_file(arrays_224, tmp_path):
+    """RLIMIT_FSIZE makes every write past 60 kB fail as a full disk would (EFBIG instead of
+    ENOSPC): the error names the file and the space needed, nothing is renamed into place."""
+    import resource
+    import signal
+
+    data_dir, arrays_dir = arrays_224
+    out = tmp_path / "f.h5"
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write, don't kill us
+    resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, limits[1]))
+    try:
+        with pytest.raises(OSError) as caught:
+            extract(data_dir, arrays_dir, out)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    message = str(caught.value)
+    assert f"writing {out}.partial failed (File too large)" in message
+    assert "the partial file was removed" in message and "needs about 1 MB" in message
+    assert "\n" not in message
+    assert not list(tmp_path.glob("f.h5*"))
+
+
+def test_no_room_is_refused_before_the_model_is_built(arrays_224, tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    data_dir, arrays_dir = arrays_224
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(features.shutil, "disk_usage", lambda _: usage(10**9, 10**9, 1000))
+    monkeypatch.setattr(features, "build_model", lambda *a: pytest.fail("built the model"))
+    with pytest.raises(OSError, match=r"no room for .*f.h5.partial: the feature file needs about"):
+        extract(data_dir, arrays_dir, tmp_path / "f.h5")
+
+
+def test_a_file_that_fails_its_check_never_gets_its_final_name(arrays_224, tmp_path, monkeypatch):
+    data_dir, arrays_dir = arrays_224
+    out = tmp_path / "f.h5"
+    real = features._add_zeroshot
+
+    def spoil(handle, *args):  # as if a row never reached the disk, and another were NaN
+        real(handle, *args)
+        handle["train/features"][3] = 0
+        handle["test/features"][1, 5] = np.nan
+
+    monkeypatch.setattr(features, "_add_zeroshot", spoil)
+    with pytest.raises(ValueError, match=r"f.h5.partial: train/features row 3 is all zeros"):
+        extract(data_dir, arrays_dir, out)
+    assert not out.exists() and not out.with_name("f.h5.partial").exists()
+
+
+def test_a_truncated_feature_file_is_named_set_aside_and_rebuilt(arrays_224, tmp_path):
+    data_dir, arrays_dir = arrays_224
+    out = extract(data_dir, arrays_dir, tmp_path / "f.h5")
+    whole = features.load_features(out, "train")["features"]
+    with open(out, "r+b") as handle:
+        handle.truncate(out.stat().st_size // 2)
+    with pytest.raises(ValueError, match=r"f.h5 is damaged: train unreadable .*run make"):
+        features.load_features(out, "train")
+    assert not out.exists() and out.with_name("f.h5.damaged").exists()
+    extract(data_dir, arrays_dir, out)  # `make` sees it missing and rebuilds it
+    assert np.array_equal(features.load_features(out, "train")["features"], whole)

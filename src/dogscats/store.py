@@ -44,6 +44,26 @@ def fsync_file(path: str | os.PathLike) -> None:
 Verify = Callable[[Path], Any]  # reads a finished partial file back; raises when it is wrong
 
 
+class DamagedFileError(ValueError):
+    """An output or cache fails its checks: cut short, unreadable, or not what it claims."""
+
+
+def commit(partial: str | os.PathLike, path: str | os.PathLike, verify: Verify | None = None):
+    """Give a finished partial file its final name: `verify(partial)` reads it back (when
+    given), then it is synced and renamed. A file that fails its check is removed, never
+    renamed, and the error propagates."""
+    partial = Path(partial)
+    try:
+        if verify is not None:
+            verify(partial)
+        fsync_file(partial)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, path)
+    return Path(path)
+
+
 def atomic_save(
     path: str | os.PathLike, save: Callable[[Path], Any], verify: Verify | None = None
 ) -> Path:
@@ -55,14 +75,20 @@ def atomic_save(
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         save(tmp)
-        if verify is not None:
-            verify(tmp)
-        fsync_file(tmp)
-        os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return path
+    return commit(tmp, path, verify)
+
+
+def set_aside(path: str | os.PathLike) -> Path:
+    """Move a damaged file out of the way (`name.damaged`, replacing an older one) so that the
+    stage that makes it, and make, see it missing and rebuild it; kept for a look."""
+    path = Path(path)
+    aside = path.with_name(path.name + ".damaged")
+    if path.exists():
+        os.replace(path, aside)
+    return aside
 
 
 def atomic_write(
