@@ -144,7 +144,7 @@ def test_a_clip_outside_0_to_half_is_refused_before_writing(tmp_path, clip):
     run = tmp_path / "run"
     write_run(run, [0.2, 0.8], [0, 1], ["1", "2"], [0.1, 0.9])
     out = tmp_path / "run.csv"
-    with pytest.raises(ValueError, match=r"CLIP must be `auto` or a number in \(0, 0.5\)"):
+    with pytest.raises(ValueError, match=r"CLIP must be 'auto' or a number in \(0, 0.5\)"):
         sub.write_submission(run, sample, out, clip_value=clip, log=lambda *_: None)
     assert not out.exists()
 

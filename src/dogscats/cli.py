@@ -76,6 +76,21 @@ def plan_cmd(args):
     print(plan.as_make(given))
 
 
+def _sources_args(p):
+    _data_dir(p)
+    p.add_argument("--out", required=True, help="the stamp file (plan's SOURCES_STAMP)")
+
+
+@command("sources", "rewrite make's stamp of the source images when any of them changed")(
+    _sources_args
+)
+def sources_cmd(args):
+    from dogscats import plan
+
+    if plan.refresh_sources_stamp(args.data_dir, args.out):
+        print(f"Source images of {args.data_dir} scanned: {args.out}")
+
+
 def _backbones_args(p):
     p.add_argument("names", nargs="*", help="shell-style wildcard, e.g. 'efficientnet*'")
 

@@ -57,6 +57,12 @@ def arrays_dir(data_dir: str | os.PathLike, size: int, features_root: Path = FEA
     return dataset_dir(data_dir, features_root) / "arrays" / str(size)
 
 
+def sources_stamp(data_dir: str | os.PathLike, features_root: Path = FEATURES_DIR) -> Path:
+    """make's view of the source images: rewritten only when a file's name, size or mtime
+    changes (`dogscats.cli sources`), so the arrays' rule sees images replaced in place."""
+    return dataset_dir(data_dir, features_root) / "sources.json"
+
+
 def models_dir(data_dir: str | os.PathLike, features_root: Path = FEATURES_DIR) -> Path:
     """Folder of the run folders (one per head or fine-tuning run)."""
     return dataset_dir(data_dir, features_root) / "models"

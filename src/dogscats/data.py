@@ -115,7 +115,9 @@ def ensure_data(data_dir: str | os.PathLike) -> Path:
         _warn_missing_sample(root)
         return root
     if not _zips_present(root):
+        _check_writable(root, "download the competition into it")
         _kaggle_download(root)
+    _check_writable(root, f"unzip {OUTER_ZIP} (or train.zip and test.zip) there")
     _extract_zips(root)
     if not has_data(root):
         raise DataMissingError(
@@ -124,6 +126,16 @@ def ensure_data(data_dir: str | os.PathLike) -> Path:
     print(f"Data ready: {root}/train and {root}/test")
     _warn_missing_sample(root)
     return root
+
+
+def _check_writable(root: Path, what: str) -> None:
+    """`make data` writes into DATA_DIR only to get the data; say so before trying."""
+    folder = root if root.exists() else root.parent
+    if not os.access(folder, os.W_OK):
+        raise DataMissingError(
+            f"{folder} is read-only, so `make data` cannot {what}. Unzip them yourself into a "
+            f"writable folder and pass DATA_DIR=<that folder>, or make {folder} writable."
+        )
 
 
 def _warn_missing_sample(root: Path) -> None:

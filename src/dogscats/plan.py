@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from dogscats import backbones, config
+from dogscats import backbones, config, store
 
 LINE_BREAK = ";;"  # make's $(shell) turns newlines into spaces; the Makefile splits on this
 
@@ -99,7 +99,7 @@ def check_clip(clip: str) -> float | None:
         value = math.nan
     if not 0 < value < 0.5:  # NaN fails too
         raise ValueError(
-            "CLIP must be `auto` or a number in (0, 0.5), e.g. 0.005: labels are clipped to "
+            "CLIP must be 'auto' or a number in (0, 0.5), e.g. 0.005: labels are clipped to "
             f"[CLIP, 1 - CLIP]. Received: {clip!r}"
         )
     return value
@@ -198,6 +198,7 @@ def plan(v: Variables) -> list[str]:
         head_features = [feature_file(name) for name in names]
     lines = [
         f"DS := {config.dataset_key(v.data_dir)}",
+        f"SOURCES_STAMP := {_relative(config.sources_stamp(v.data_dir))}",
         f"SIZES := {' '.join(str(s) for s in sorted(set(sizes.values())))}",
         f"ARRAY_DIRS := {' '.join(sorted({arrays(name) for name in sizes}))}",
         f"FEATURE_FILES := {' '.join(head_features)}",
@@ -237,5 +238,43 @@ def as_make(v: Variables) -> str:
     try:
         lines = plan(v)
     except (ValueError, OSError) as error:
-        lines = [f"PLAN_ERROR := {' '.join(str(error).split())}"]
+        # One line, quoted safely: the Makefile echoes it inside double quotes.
+        message = " ".join(str(error).split()).translate({ord("`"): "'", ord('"'): "'"})
+        lines = [f"PLAN_ERROR := {message}"]
     return LINE_BREAK.join(line.replace("$", "$$") for line in lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# The sources stamp: what make's rule for the arrays depends on
+
+
+def scan_sources(data_dir: str | os.PathLike) -> dict | None:
+    """Every file of DATA_DIR/train and /test with its size and mtime (ns), summed up as one
+    digest per split; None while a folder is missing. Standard library only: about 0.2 s for
+    37,500 files (README has the measurement)."""
+    scan = {}
+    for split in ("train", "test"):
+        lines = []
+        try:
+            entries = list(os.scandir(os.path.join(data_dir, split)))
+        except OSError:
+            return None
+        for entry in sorted(entries, key=lambda e: e.name):
+            stat = entry.stat()
+            lines.append(f"{entry.name}\t{stat.st_size}\t{stat.st_mtime_ns}")
+        scan[split] = {"files": len(lines), "digest": store.digest("\n".join(lines))}
+    return scan
+
+
+def refresh_sources_stamp(data_dir: str | os.PathLike, stamp: str | os.PathLike) -> bool:
+    """Rewrite `stamp` only when the scan differs from the one it holds, so that its mtime
+    changes exactly when an image is added, removed or replaced (in place too). True when it
+    was rewritten. A missing folder leaves the stamp alone (`make data` comes first)."""
+    scan = scan_sources(data_dir)
+    if scan is None:
+        return False
+    wanted = {"data_dir": os.path.abspath(data_dir), **scan}
+    if store.read_json(stamp) == wanted:
+        return False
+    store.write_json(stamp, wanted)
+    return True
