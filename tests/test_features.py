@@ -5,7 +5,7 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pytest
-from conftest import separable, write_features
+from conftest import register_tiny_backbone, separable, write_features
 
 from dogscats import arrays, features
 from dogscats.backbones import build_backbone, get_backbone
@@ -18,10 +18,10 @@ def arrays_224(kaggle_dataset, tmp_path):
     return kaggle_dataset, out
 
 
-def extract(data_dir, arrays_dir, out, **kwargs):
+def extract(data_dir, arrays_dir, out, backbone="resnet50", **kwargs):
     return features.extract(
         data_dir,
-        "resnet50",
+        backbone,
         weights="random",
         arrays_dir=arrays_dir,
         out=out,
@@ -136,25 +136,34 @@ def test_feature_set_concatenates_and_checks_ids(tmp_path):
 
 def test_a_full_disk_stops_with_one_line_and_leaves_no_file(arrays_224, tmp_path):
     """RLIMIT_FSIZE makes every write past 60 kB fail as a full disk would (EFBIG instead of
-    ENOSPC): the error names the file and the space needed, nothing is renamed into place."""
+    ENOSPC), inside HDF5. `dogscats.cli features` runs in its own process: HDF5 cannot recover
+    from a failed write, and the CLI must end with its one line, status 2, no crash."""
     import resource
     import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO
 
     data_dir, arrays_dir = arrays_224
     out = tmp_path / "f.h5"
-    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write, don't kill us
-    resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, limits[1]))
-    try:
-        with pytest.raises(OSError) as caught:
-            extract(data_dir, arrays_dir, out)
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
-        signal.signal(signal.SIGXFSZ, handler)
-    message = str(caught.value)
-    assert f"writing {out}.partial failed (File too large)" in message
-    assert "the partial file was removed" in message and "needs about 1 MB" in message
-    assert "\n" not in message
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write, don't kill the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, resource.RLIM_INFINITY))
+
+    command = [sys.executable, "-m", "dogscats.cli", "features", "--data-dir", str(data_dir)]
+    command += ["--backbone", "resnet50", "--weights", "random", "--batch-size", "4"]
+    command += ["--arrays", str(arrays_dir), "--out", str(out)]
+    env = {"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    result = subprocess.run(
+        command, capture_output=True, text=True, env=env, preexec_fn=limit_file_size
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: writing {out}.partial failed (File too large)")
+    assert "the partial file was removed" in last and "needs about 1 MB" in last
+    assert "Wrote" not in result.stdout
     assert not list(tmp_path.glob("f.h5*"))
 
 
@@ -181,18 +190,19 @@ def test_a_file_that_fails_its_check_never_gets_its_final_name(arrays_224, tmp_p
 
     monkeypatch.setattr(features, "_add_zeroshot", spoil)
     with pytest.raises(ValueError, match=r"f.h5.partial: train/features row 3 is all zeros"):
-        extract(data_dir, arrays_dir, out)
+        extract(data_dir, arrays_dir, out, backbone=register_tiny_backbone(224))
     assert not out.exists() and not out.with_name("f.h5.partial").exists()
 
 
 def test_a_truncated_feature_file_is_named_set_aside_and_rebuilt(arrays_224, tmp_path):
     data_dir, arrays_dir = arrays_224
-    out = extract(data_dir, arrays_dir, tmp_path / "f.h5")
+    tiny = register_tiny_backbone(224)
+    out = extract(data_dir, arrays_dir, tmp_path / "f.h5", backbone=tiny)
     whole = features.load_features(out, "train")["features"]
     with open(out, "r+b") as handle:
         handle.truncate(out.stat().st_size // 2)
     with pytest.raises(ValueError, match=r"f.h5 is damaged: train unreadable .*run make"):
         features.load_features(out, "train")
     assert not out.exists() and out.with_name("f.h5.damaged").exists()
-    extract(data_dir, arrays_dir, out)  # `make` sees it missing and rebuilds it
+    extract(data_dir, arrays_dir, out, backbone=tiny)  # `make` sees it missing and rebuilds it
     assert np.array_equal(features.load_features(out, "train")["features"], whole)

@@ -304,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         print(f"error: {user_message(error)}", file=sys.stderr)
+        if getattr(error, "exit_now", False):  # see features.FeatureWriteError
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
     return 0
 

@@ -150,6 +150,13 @@ def _mb(size: float) -> str:
     return f"{size / 1e6:,.0f} MB"
 
 
+class FeatureWriteError(OSError):
+    """Writing a feature file failed. HDF5 keeps the failed file open and crashes when Python
+    closes it at exit, so the CLI ends the process right after reporting this."""
+
+    exit_now = True
+
+
 @contextmanager
 def _write_errors(partial: Path, needed: int) -> Iterator[None]:
     """Turn a failed write into one line naming the file and the space it needs, and remove the
@@ -173,7 +180,7 @@ def _write_errors(partial: Path, needed: int) -> Iterator[None]:
         return
     store.remove(partial)
     free = shutil.disk_usage(partial.parent).free if partial.parent.exists() else 0
-    raise OSError(
+    raise FeatureWriteError(
         f"writing {partial} failed ({_h5_reason(failure)}); the partial file was removed. The "
         f"feature file needs about {_mb(needed)} and {_mb(free)} are free on its disk: free "
         "some space (or raise `ulimit -f`) and re-run."
