@@ -49,3 +49,15 @@ def test_up_to_date_needs_the_same_settings_and_older_inputs(tmp_path):
 def test_a_folder_that_is_not_a_run_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"run/metrics.json not found"):
         runs.read_run(tmp_path / "run")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "nan"])
+def test_a_damaged_prediction_file_is_named_and_the_run_set_aside(tmp_path, damage):
+    out = runs.write_run(tmp_path / "run", predictions(), {"log_loss": 0.2, "settings": {}})
+    oof = out / "oof.csv"
+    text = oof.read_text()
+    oof.write_text({"truncate": text[:12], "empty": "", "nan": text.replace("0.8", "nan")}[damage])
+    with pytest.raises(ValueError, match=r"oof.csv is damaged: .* run make"):
+        runs.read_run(out)
+    assert not runs.metrics_path(out).exists()  # make sees the run missing and redoes it
+    assert runs.stored_settings(out) is None
