@@ -340,3 +340,7 @@ def test_a_cut_manifest_is_named_set_aside_and_rebuilt(dataset, tmp_path):
         load_split(out, "train")
     assert (out / "manifest.json.damaged").exists() and not (out / "manifest.json").exists()
     assert preprocess(dataset, SIZE, out_dir=out, workers=1, progress=False) == first
+    # Dated as the unchanged arrays, so that make leaves the feature files made since alone.
+    made = FINAL_FILES - {"report.csv", "manifest.json"}
+    arrays_made = max((out / name).stat().st_mtime_ns for name in made)
+    assert (out / "manifest.json").stat().st_mtime_ns == arrays_made

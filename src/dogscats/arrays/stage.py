@@ -216,6 +216,7 @@ def preprocess(
         "fingerprint": _fingerprint(out, sources, size),
     }
     write_json(out / MANIFEST, manifest)
+    _date_manifest(out)
     print(f"Arrays written: {out} ({_counts_text(manifest)})")
     return manifest
 
@@ -306,6 +307,15 @@ def _whole(out: Path, split: str, manifest: dict) -> bool:
         return False
     expected = (manifest["counts"][split], manifest["size"], manifest["size"], 3)
     return images.shape == expected and images.dtype == np.uint8
+
+
+def _date_manifest(out: Path) -> None:
+    """Give the manifest the time the arrays last changed (their files' newest mtime), not
+    now: a manifest rewritten over unchanged arrays (after a cut one was set aside) then
+    leaves the feature files, which make compares with it, up to date."""
+    outputs = [final_array(out, s) for s in SPLITS] + [_index_csv(out, s) for s in SPLITS]
+    newest = max(path.stat().st_mtime_ns for path in outputs)
+    os.utime(out / MANIFEST, ns=(newest, newest))
 
 
 def _fingerprint(out: Path, sources: str, size: int) -> str:
