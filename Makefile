@@ -54,6 +54,7 @@ PLAN_ARGS := --data-dir '$(DATA_DIR)' --backbones '$(BACKBONES)' --head '$(HEAD)
 	--ft-head '$(FT_HEAD)' --ft-epochs '$(FT_EPOCHS)' --ft-learning-rate '$(FT_LR)' \
 	--ft-batch-size '$(FT_BATCH)' --ft-patience '$(FT_PATIENCE)' --ft-dropout '$(FT_DROPOUT)' \
 	--norm '$(NORM)' --exclude '$(EXCLUDE)' --runs '$(RUNS)' \
+	--batch-size '$(BATCH_SIZE)' --workers '$(WORKERS)' \
 	$(if $(filter finetune,$(HEAD) $(MAKECMDGOALS)),--finetune)
 PLAN := $(shell PYTHONPATH=src $(PYTHON) -m dogscats.cli plan $(PLAN_ARGS))
 $(eval $(subst ;;,$(newline),$(PLAN)))
@@ -102,8 +103,17 @@ blend: $(BLEND_SUBMISSION) | check-plan ## blend RUNS (default: every finished r
 # File rules: each output's prerequisites are its inputs, so make redoes only what is stale.
 # A stage's version file (src/dogscats/versions/) is a prerequisite too: bumping it redoes runs.
 ifndef PLAN_ERROR
-$(addsuffix /manifest.json,$(ARRAY_DIRS)): %/manifest.json: $(wildcard $(DATA_DIR)/train $(DATA_DIR)/test) | $(SETUP)
+# The arrays depend on the source images themselves: the stamp is rewritten only when an image
+# is added, removed or replaced (its name, size or mtime changes; in place too). The scan runs
+# on every make that needs the arrays (standard library; README has its cost).
+SCAN_SOURCES := PYTHONPATH=src $(PYTHON) -m dogscats.cli sources --data-dir '$(DATA_DIR)' \
+	--out $(SOURCES_STAMP)
+$(SOURCES_STAMP): FORCE
+	@$(SCAN_SOURCES)
+
+$(addsuffix /manifest.json,$(ARRAY_DIRS)): %/manifest.json: $(SOURCES_STAMP) | $(SETUP)
 	$(CLI) data --data-dir '$(DATA_DIR)'
+	@$(SCAN_SOURCES)
 	$(CLI) preprocess --data-dir '$(DATA_DIR)' --size $(notdir $*) --out $* $(if $(WORKERS),--workers $(WORKERS))
 
 # Each feature file's arrays and EXTRACT_* variables come from the plan.
@@ -171,3 +181,5 @@ clean: ## remove caches of Python (never data, features or submissions)
 	find . -name __pycache__ -type d -prune -exec rm -rf {} + ; rm -rf .pytest_cache .ruff_cache
 
 print-%: ; @echo '$($*)'
+
+FORCE:

@@ -87,3 +87,36 @@ def separable(n: int = 200, dim: int = 16, seed: int = 0) -> tuple[np.ndarray, n
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
     return 1 / (1 + np.exp(-z))
+
+
+# A backbone small enough for tests that run a stage many times: one 3x3 convolution and GAP,
+# registered like any entry (the keras.applications builder signature).
+
+
+def tiny_net(include_top=False, weights=None, input_shape=None, pooling="avg", **_):
+    import keras
+
+    return keras.Sequential(
+        [
+            keras.Input(shape=input_shape),
+            keras.layers.Conv2D(8, 3, activation="relu"),
+            keras.layers.GlobalAveragePooling2D(),
+        ]
+    )
+
+
+def tiny_preprocess(x):
+    return x / 127.5 - 1
+
+
+def register_tiny_backbone(size: int = 16) -> str:
+    """The tiny network's registry name at this input size (registered on first use)."""
+    from dogscats import backbones
+
+    name = f"tiny_test_net_{size}"
+    if name not in backbones.list_backbones():
+        spec = backbones.BackboneSpec(
+            name, size, 8, "conftest:tiny_net", "conftest:tiny_preprocess"
+        )
+        backbones.register(spec)
+    return name

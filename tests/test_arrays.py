@@ -75,7 +75,8 @@ def test_preprocess_writes_aligned_arrays(dataset, tmp_path):
     before = snapshot(dataset)
     out = tmp_path / "arrays"
     manifest = preprocess(dataset, SIZE, out_dir=out, workers=2, progress=False)
-    assert names_in(out) == FINAL_FILES | {"train_done.json", "test_done.json"}
+    stamps = {"train_done.json", "test_done.json", "train.state.npz", "test.state.npz"}
+    assert names_in(out) == FINAL_FILES | stamps
     assert manifest["counts"] == {"train": 10, "test": 4} and manifest["size"] == SIZE
     assert read_manifest(out) == manifest and len(manifest["fingerprint"]) == 40
     train = assert_rows_match_files(out, dataset, "train")
@@ -196,8 +197,31 @@ def test_up_to_date_rerun_is_a_no_op_until_a_source_changes(dataset, tmp_path, m
 
     write_image(dataset / "test" / "3.jpg", seed=77)  # a changed test file
     second = preprocess(dataset, SIZE, out_dir=out, workers=1, progress=False)
-    assert {p.parent.name for p in counter.calls} == {"test"}  # train was finished: kept
+    assert [p.name for p in counter.calls] == ["3.jpg"]  # only its row; train was kept
     assert second["fingerprint"] != first["fingerprint"]
+    assert_rows_match_files(out, dataset, "test")
+
+
+def test_an_image_replaced_in_place_redoes_its_row_and_equals_a_fresh_run(
+    dataset, tmp_path, monkeypatch
+):
+    """Same name, same size, other pixels: the stamps (size, mtime_ns) see it, and the arrays
+    after the redo are byte-identical to those of a run from scratch."""
+    out = tmp_path / "arrays"
+    preprocess(dataset, SIZE, out_dir=out, workers=1, progress=False)
+    target = dataset / "train" / "dog.1.jpg"
+    before = target.stat()
+    write_image(target, seed=99)
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns + 1))  # as an editor might
+    counter = Interrupt(at=None)
+    monkeypatch.setattr(workers, "load_image", counter)
+    preprocess(dataset, SIZE, out_dir=out, workers=1, progress=False)
+    assert [p.name for p in counter.calls] == ["dog.1.jpg"]
+    fresh = tmp_path / "fresh"
+    preprocess(dataset, SIZE, out_dir=fresh, workers=1, progress=False)
+    for split in ("train", "test"):
+        assert (out / f"{split}.npy").read_bytes() == (fresh / f"{split}.npy").read_bytes()
+    assert read_manifest(out)["fingerprint"] == read_manifest(fresh)["fingerprint"]
     assert_rows_match_files(out, dataset, "test")
 
 
@@ -275,3 +299,48 @@ def test_full_disk_fails_before_decoding_naming_the_array(dataset, tmp_path, mon
         preprocess(dataset, SIZE, out_dir=out, workers=1, progress=False)
     assert info.value.errno == errno.ENOSPC and "test.partial.npy" in str(info.value)
     assert counter.calls == []  # nothing decoded in vain
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged caches (issue 12): named, set aside, rebuilt; never a traceback from numpy or json
+
+
+def test_a_truncated_array_is_named_set_aside_and_rebuilt(dataset, tmp_path):
+    out = tmp_path / "arrays"
+    preprocess(dataset, SIZE, out_dir=out, workers=1, progress=False)
+    whole = (out / "train.npy").read_bytes()
+    with open(out / "train.npy", "r+b") as handle:
+        handle.truncate(len(whole) - 100)
+    with pytest.raises(ValueError, match=r"train.npy is damaged: unreadable .* run make"):
+        load_split(out, "train")
+    assert not (out / "manifest.json").exists()  # make now sees the arrays as missing
+    preprocess(dataset, SIZE, out_dir=out, workers=1, progress=False)
+    assert (out / "train.npy").read_bytes() == whole
+
+
+def test_preprocess_redoes_a_split_cut_behind_its_manifest(dataset, tmp_path, monkeypatch):
+    out = tmp_path / "arrays"
+    preprocess(dataset, SIZE, out_dir=out, workers=1, progress=False)
+    whole = (out / "test.npy").read_bytes()
+    with open(out / "test.npy", "r+b") as handle:
+        handle.truncate(len(whole) // 2)
+    counter = Interrupt(at=None)
+    monkeypatch.setattr(workers, "load_image", counter)
+    preprocess(dataset, SIZE, out_dir=out, workers=1, progress=False)
+    assert {p.parent.name for p in counter.calls} == {"test"}
+    assert (out / "test.npy").read_bytes() == whole
+
+
+def test_a_cut_manifest_is_named_set_aside_and_rebuilt(dataset, tmp_path):
+    out = tmp_path / "arrays"
+    first = preprocess(dataset, SIZE, out_dir=out, workers=1, progress=False)
+    text = (out / "manifest.json").read_text()
+    (out / "manifest.json").write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match=r"manifest.json is damaged .* run make"):
+        load_split(out, "train")
+    assert (out / "manifest.json.damaged").exists() and not (out / "manifest.json").exists()
+    assert preprocess(dataset, SIZE, out_dir=out, workers=1, progress=False) == first
+    # Dated as the unchanged arrays, so that make leaves the feature files made since alone.
+    made = FINAL_FILES - {"report.csv", "manifest.json"}
+    arrays_made = max((out / name).stat().st_mtime_ns for name in made)
+    assert (out / "manifest.json").stat().st_mtime_ns == arrays_made

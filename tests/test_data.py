@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import zipfile
 from pathlib import Path
 
@@ -137,3 +138,22 @@ def test_ensure_data_reports_kaggle_failure(tmp_path, monkeypatch):
     )
     with pytest.raises(DataMissingError, match="403 Forbidden"):
         ensure_data(tmp_path)
+
+
+@pytest.mark.parametrize("how", ["chmod", "os.access"])
+def test_a_read_only_data_dir_with_zips_says_what_to_do(tmp_path, monkeypatch, how):
+    """chmod is the real damage; as root (who may write anyway) the same answer is checked
+    through os.access."""
+    competition_zip(tmp_path)
+    if how == "chmod":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders; the os.access case covers it")
+        tmp_path.chmod(0o555)
+    else:
+        monkeypatch.setattr(data.os, "access", lambda path, mode: False)
+    try:
+        with pytest.raises(DataMissingError, match="is read-only, so `make data` cannot unzip"):
+            ensure_data(tmp_path)
+    finally:
+        tmp_path.chmod(0o755)
+    assert not (tmp_path / "train").exists() and not list(tmp_path.glob(".extract-*"))

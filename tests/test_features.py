@@ -5,7 +5,7 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pytest
-from conftest import separable, write_features
+from conftest import register_tiny_backbone, separable, write_features
 
 from dogscats import arrays, features
 from dogscats.backbones import build_backbone, get_backbone
@@ -21,10 +21,10 @@ def arrays_224(kaggle_dataset, tmp_path):
     return kaggle_dataset, out
 
 
-def extract(data_dir, arrays_dir, out, **kwargs):
+def extract(data_dir, arrays_dir, out, backbone="resnet50", **kwargs):
     return features.extract(
         data_dir,
-        "resnet50",
+        backbone,
         weights="random",
         arrays_dir=arrays_dir,
         out=out,
@@ -125,3 +125,81 @@ def test_feature_set_concatenates_and_checks_ids(tmp_path):
         features.load_feature_set([a, c])
     with pytest.raises(features.FeatureMismatchError, match="TTA=flip needs mirrored"):
         features.load_feature_set([a], tta="flip")
+
+
+# ---------------------------------------------------------------------------------------------
+# Complete or absent (issue 12): a full disk, a file that fails its check, a damaged cache
+
+
+def test_a_full_disk_stops_with_one_line_and_leaves_no_file(arrays_224, tmp_path):
+    """RLIMIT_FSIZE makes every write past 60 kB fail as a full disk would (EFBIG instead of
+    ENOSPC), inside HDF5. `dogscats.cli features` runs in its own process: HDF5 cannot recover
+    from a failed write, and the CLI must end with its one line, status 2, no crash."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    data_dir, arrays_dir = arrays_224
+    out = tmp_path / "f.h5"
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write, don't kill the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, resource.RLIM_INFINITY))
+
+    command = [sys.executable, "-m", "dogscats.cli", "features", "--data-dir", str(data_dir)]
+    command += ["--backbone", "resnet50", "--weights", "random", "--batch-size", "4"]
+    command += ["--arrays", str(arrays_dir), "--out", str(out)]
+    env = {"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    result = subprocess.run(
+        command, capture_output=True, text=True, env=env, preexec_fn=limit_file_size
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: writing {out}.partial failed (File too large)")
+    assert "the partial file was removed" in last and "needs about 1 MB" in last
+    assert "Wrote" not in result.stdout
+    assert not list(tmp_path.glob("f.h5*"))
+
+
+def test_no_room_is_refused_before_the_model_is_built(arrays_224, tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    data_dir, arrays_dir = arrays_224
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(features.shutil, "disk_usage", lambda _: usage(10**9, 10**9, 1000))
+    monkeypatch.setattr(features, "build_model", lambda *a: pytest.fail("built the model"))
+    with pytest.raises(OSError, match=r"no room for .*f.h5.partial: the feature file needs about"):
+        extract(data_dir, arrays_dir, tmp_path / "f.h5")
+
+
+def test_a_file_that_fails_its_check_never_gets_its_final_name(arrays_224, tmp_path, monkeypatch):
+    data_dir, arrays_dir = arrays_224
+    out = tmp_path / "f.h5"
+    real = features._add_zeroshot
+
+    def spoil(handle, *args):  # as if a row never reached the disk, and another were NaN
+        real(handle, *args)
+        handle["train/features"][3] = 0
+        handle["test/features"][1, 5] = np.nan
+
+    monkeypatch.setattr(features, "_add_zeroshot", spoil)
+    with pytest.raises(ValueError, match=r"f.h5.partial: train/features row 3 is all zeros"):
+        extract(data_dir, arrays_dir, out, backbone=register_tiny_backbone(224))
+    assert not out.exists() and not out.with_name("f.h5.partial").exists()
+
+
+def test_a_truncated_feature_file_is_named_set_aside_and_rebuilt(arrays_224, tmp_path):
+    data_dir, arrays_dir = arrays_224
+    tiny = register_tiny_backbone(224)
+    out = extract(data_dir, arrays_dir, tmp_path / "f.h5", backbone=tiny)
+    whole = features.load_features(out, "train")["features"]
+    with open(out, "r+b") as handle:
+        handle.truncate(out.stat().st_size // 2)
+    with pytest.raises(ValueError, match=r"f.h5 is damaged: train unreadable .*run make"):
+        features.load_features(out, "train")
+    assert not out.exists() and out.with_name("f.h5.damaged").exists()
+    extract(data_dir, arrays_dir, out, backbone=tiny)  # `make` sees it missing and rebuilds it
+    assert np.array_equal(features.load_features(out, "train")["features"], whole)

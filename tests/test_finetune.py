@@ -138,6 +138,26 @@ def test_resume_after_an_interruption_continues_where_it_stopped(finished):
     assert not finished["work"].exists()
 
 
+def test_a_resumed_run_equals_an_uninterrupted_one(finished, tiny):
+    """The fault test of fine-tuning: the run stopped in fold 1 after its first epoch and
+    resumed leaves what a run never stopped leaves: predictions equal, bit for bit."""
+    out = tiny["root"] / "uninterrupted"
+    run(tiny, out, len)
+    for name in ("oof.csv", "test.csv"):
+        resumed = pd.read_csv(finished["out"] / name)
+        whole = pd.read_csv(out / name)
+        pd.testing.assert_frame_equal(resumed, whole, check_exact=True)
+    drop = {"wall_s", "resumed"}
+    scores = [
+        [
+            {k: v for k, v in fold.items() if k not in drop}
+            for fold in json.loads((folder / "metrics.json").read_text())["fold_scores"]
+        ]
+        for folder in (finished["out"], out)
+    ]
+    assert scores[0] == scores[1]
+
+
 def test_starts_from_the_head_and_writes_the_heads_run_format(finished, tiny):
     out = finished["out"]
     metrics = json.loads((out / "metrics.json").read_text())

@@ -7,6 +7,7 @@ import importlib
 import pkgutil
 import shutil
 import subprocess
+import time
 
 import numpy as np
 import pandas as pd
@@ -48,13 +49,24 @@ def test_offline_names_the_three_pypi_backbones():
     assert run == "efficientnet_lite0+efficientnet_lite1+efficientnet_lite2__logreg__flip__ssr_l2"
 
 
-def test_a_bad_value_stops_make_before_any_work():
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("BACKBONES=nope", "Unknown backbone 'nope'"),
+        ("CLIP=0.7", "CLIP must be 'auto' or a number in (0, 0.5)"),
+        ("FOLDS=1", "FOLDS must be a whole number >= 2"),
+        ("HEAD=nonsense", "HEAD must be one of"),
+    ],
+)
+def test_a_bad_value_stops_make_before_any_work(setting, message):
+    started = time.monotonic()
     result = subprocess.run(
-        ["make", "-C", str(REPO), "features", "BACKBONES=nope"], capture_output=True, text=True
+        ["make", "-C", str(REPO), "submission", setting], capture_output=True, text=True
     )
+    assert time.monotonic() - started < 5  # the plan's check, not a stage, refused it
     assert result.returncode != 0
-    assert "Unknown backbone 'nope'" in result.stderr
-    assert "dogscats.cli features" not in result.stdout
+    assert message in result.stderr
+    assert "dogscats.cli" not in result.stdout
 
 
 def test_cli_help_for_every_stage():
@@ -122,3 +134,25 @@ def test_make_submission_end_to_end_then_nothing_to_redo(two_datasets):
     two = arrays.load_split(config.arrays_dir(second, 224), "train")[0]
     assert config.dataset_key(first) != config.dataset_key(second)
     assert not np.array_equal(one, two)
+
+
+def test_make_sees_an_image_replaced_in_place(tmp_path):
+    """The arrays' rule depends on the sources stamp, rewritten only when a file's name, size
+    or mtime changes: an image overwritten under its own name redoes the arrays, and then
+    make has nothing to do again."""
+    data_dir = write_kaggle_dataset(tmp_path / "comp", n_train=4, n_test=3)
+    settings = [f"DATA_DIR={data_dir}", "BACKBONES=resnet50", "FOLDS=2"]
+    try:
+        make("preprocess", *settings)
+        assert "dogscats.cli preprocess" not in make("preprocess", *settings).stdout
+        target = data_dir / "train" / "cat.2.jpg"
+        target.write_bytes((data_dir / "train" / "dog.3.jpg").read_bytes())  # same name
+        redo = make("preprocess", *settings).stdout
+        assert "dogscats.cli preprocess" in redo and "7 rows already decoded" in redo
+        images, index = arrays.load_split(config.arrays_dir(data_dir, 224), "train")
+        row = index["file"].tolist().index("cat.2.jpg")
+        dog = index["file"].tolist().index("dog.3.jpg")
+        assert np.array_equal(images[row], images[dog])
+        assert "dogscats.cli preprocess" not in make("preprocess", *settings).stdout
+    finally:
+        shutil.rmtree(config.dataset_dir(data_dir), ignore_errors=True)

@@ -59,7 +59,20 @@ def test_finetune_adds_its_backbone_and_names_its_flags():
         ({"head": "nonsense"}, "HEAD must be one of logreg, keras, zeroshot, finetune"),
         ({"tta": "maybe"}, "TTA must be one of none, flip"),
         ({"precision": "fp8"}, "PRECISION must be one of float32, bfloat16"),
-        ({"folds": "abc"}, "FOLDS must be a whole number"),
+        ({"folds": "abc"}, "FOLDS must be a whole number >= 2"),
+        ({"folds": "1"}, "FOLDS must be a whole number >= 2. Received: '1'"),
+        ({"clip": "0.7"}, r"CLIP must be 'auto' or a number in (0, 0.5), e.g. 0.005"),
+        ({"clip": "0.5"}, "CLIP must be 'auto' or a number in (0, 0.5)"),
+        ({"clip": "0"}, "CLIP must be 'auto' or a number in (0, 0.5)"),
+        ({"clip": "-1"}, "CLIP must be 'auto' or a number in (0, 0.5)"),
+        ({"clip": "abc"}, "Received: 'abc'"),
+        ({"clip": "nan"}, "Received: 'nan'"),
+        ({"weights": "nowhere.h5"}, "WEIGHTS must be one of imagenet, random or the path"),
+        ({"batch_size": "0"}, "BATCH_SIZE must be a whole number >= 1"),
+        ({"workers": "two"}, "WORKERS must be a whole number >= 1"),
+        ({"hyperparameters": {"learning_rate": "fast"}}, "FT_LR (peak Adam learning rate)"),
+        ({"hyperparameters": {"dropout": "1.5"}}, "FT_DROPOUT (dropout before the dense head)"),
+        ({"hyperparameters": {"epochs": "2.5"}}, "FT_EPOCHS (most epochs per fold) must be a"),
         ({"backbones": "nope"}, "Unknown backbone 'nope'"),
         ({"exclude": "no/such/list.txt"}, "EXCLUDE=no/such/list.txt: no such file"),
     ],
@@ -125,3 +138,23 @@ def test_blend_takes_runs_by_name_or_else_every_finished_run(models_of_a_fresh_d
     assert [d.rsplit("/", 1)[1] for d in named] == ["c__logreg", "a__logreg"]
     submission = value("BLEND_SUBMISSION", data_dir=data_dir, runs="a__logreg", clip="0.01")
     assert submission.endswith(config.blend_run_name(["a__logreg"]) + "__clip0.01.csv")
+
+
+def test_valid_clips_and_defaults_pass():
+    for clip in ("auto", "0.005", "1e-4", "0.49"):
+        assert not plan.as_make(plan.Variables(clip=clip)).startswith("PLAN_ERROR")
+
+
+def test_folds_are_checked_against_the_smaller_class_of_the_data(tmp_path):
+    train = tmp_path / "comp" / "train"
+    train.mkdir(parents=True)
+    for i in range(3):
+        (train / f"cat.{i}.jpg").write_bytes(b"")
+    for i in range(5):
+        (train / f"dog.{i}.jpg").write_bytes(b"")
+    (train / "notes.txt").write_bytes(b"")
+    data_dir = str(tmp_path / "comp")
+    assert not plan.as_make(plan.Variables(data_dir=data_dir, folds="3")).startswith("PLAN_ERR")
+    text = plan.as_make(plan.Variables(data_dir=data_dir, folds="4"))
+    assert "FOLDS=4 is more than the 3 images of the smaller class" in text
+    assert "(cats 3, dogs 5)" in text and "2 <= FOLDS <= 3" in text

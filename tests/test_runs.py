@@ -59,3 +59,15 @@ def test_list_runs_names_finished_runs_only(tmp_path):
     (tmp_path / "empty").mkdir()
     assert [p.name for p in config.list_runs(tmp_path)] == ["a__keras__lr0.001", "b__logreg"]
     assert config.list_runs(tmp_path / "none") == []
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "nan"])
+def test_a_damaged_prediction_file_is_named_and_the_run_set_aside(tmp_path, damage):
+    out = runs.write_run(tmp_path / "run", predictions(), {"log_loss": 0.2, "settings": {}})
+    oof = out / "oof.csv"
+    text = oof.read_text()
+    oof.write_text({"truncate": text[:12], "empty": "", "nan": text.replace("0.8", "nan")}[damage])
+    with pytest.raises(ValueError, match=r"oof.csv is damaged: .* run make"):
+        runs.read_run(out)
+    assert not runs.metrics_path(out).exists()  # make sees the run missing and redoes it
+    assert runs.stored_settings(out) is None

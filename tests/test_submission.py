@@ -82,7 +82,7 @@ def test_write_submission_refuses_a_missing_test_id(tmp_path):
         (["1", "2"], [0.1, np.nan], "NaN"),
         (["1", "2"], [0.1, 1.5], r"outside \[0, 1\]"),
         (["2", "1"], [0.1, 0.2], "order"),
-        (["1", "2", "9"], [0.1, 0.2, 0.3], "not in sample_submission"),
+        (["1", "2", "9"], [0.1, 0.2, 0.3], "ids not in the expected ids"),
     ],
 )
 def test_check_submission_rejects(ids, labels, message):
@@ -105,5 +105,80 @@ def test_score_names_missing_ids(tmp_path):
     pd.DataFrame({"id": [1, 2], "label": [1, 0]}).to_csv(truth, index=False)
     guess = tmp_path / "sub.csv"
     pd.DataFrame({"id": [1], "label": [0.6]}).to_csv(guess, index=False)
-    with pytest.raises(sub.SubmissionError, match="lacks 1 labelled ids"):
+    with pytest.raises(
+        sub.SubmissionError, match=r"sub.csv rejected: 1 ids missing, e.g. \['2'\]"
+    ):
         sub.score(guess, truth)
+
+
+# Every file the competition's scorer would refuse, as text: `make score` refuses it too.
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("id,lable\n1,0.6\n2,0.2\n", "header must be `id,label`. Received: 'id,lable'"),
+        ("id,label\n1,0.6\n", "1 ids missing"),
+        ("id,label\n1,0.6\n2,0.2\n2,0.3\n", r"duplicate ids: \['2'\]"),
+        ("id,label\n1,0.6\n2,0.2\n3,0.3\n", "1 ids not in the expected ids"),
+        ("id,label\n1,0.6\n2,dog\n", r"labels that are not numbers: \['dog'\]"),
+        ("id,label\n1,0.6\n2,\n", "1 NaN or empty labels"),
+        ("id,label\n1,0.6\n2,nan\n", "1 NaN or empty labels"),
+        ("id,label\n1,1.2\n2,-0.1\n", r"2 labels outside \[0, 1\]"),
+        ("id,label\n1,0.6\nx,0.2\n", "ids that are not whole numbers"),
+        ("", "not a readable CSV"),
+    ],
+)
+def test_score_refuses_what_the_competition_would_refuse(tmp_path, text, message):
+    truth = tmp_path / "labels.csv"
+    pd.DataFrame({"id": [1, 2], "label": [1, 0]}).to_csv(truth, index=False)
+    guess = tmp_path / "sub.csv"
+    guess.write_text(text)
+    with pytest.raises(sub.SubmissionError, match=message) as caught:
+        sub.score(guess, truth)
+    assert str(guess) in str(caught.value)
+
+
+@pytest.mark.parametrize("clip", [0.7, 0.5, 0, -1, float("nan")])
+def test_a_clip_outside_0_to_half_is_refused_before_writing(tmp_path, clip):
+    sample = tmp_path / "sample_submission.csv"
+    pd.DataFrame({"id": [1, 2], "label": 0.5}).to_csv(sample, index=False)
+    run = tmp_path / "run"
+    write_run(run, [0.2, 0.8], [0, 1], ["1", "2"], [0.1, 0.9])
+    out = tmp_path / "run.csv"
+    with pytest.raises(ValueError, match=r"CLIP must be 'auto' or a number in \(0, 0.5\)"):
+        sub.write_submission(run, sample, out, clip_value=clip, log=lambda *_: None)
+    assert not out.exists()
+
+
+def test_a_header_typo_in_the_sample_names_the_file_and_the_fix(tmp_path):
+    sample = tmp_path / "sample_submission.csv"
+    sample.write_text("Id,label\n1,0.5\n2,0.5\n")
+    run = tmp_path / "run"
+    write_run(run, [0.2, 0.8], [0, 1], ["1", "2"], [0.1, 0.9])
+    with pytest.raises(sub.SubmissionError, match="header has no `id` column") as caught:
+        sub.write_submission(run, sample, tmp_path / "run.csv", log=lambda *_: None)
+    assert str(sample) in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_without_a_sample_the_ids_come_from_the_test_folder(tmp_path):
+    (tmp_path / "test").mkdir()
+    for i in (10, 2, 1):
+        (tmp_path / "test" / f"{i}.jpg").write_bytes(b"")
+    run = tmp_path / "run"
+    write_run(run, [0.2, 0.8], [0, 1], ["10", "1", "2"], [0.3, 0.1, 0.2])
+    out = tmp_path / "run.csv"
+    sub.write_submission(run, tmp_path / "sample_submission.csv", out, 0.01, log=lambda *_: None)
+    assert pd.read_csv(out)["id"].tolist() == [1, 2, 10]
+
+
+def test_a_written_submission_that_reads_back_wrong_gets_no_final_name(tmp_path, monkeypatch):
+    sample = tmp_path / "sample_submission.csv"
+    pd.DataFrame({"id": [1, 2], "label": 0.5}).to_csv(sample, index=False)
+    run = tmp_path / "run"
+    write_run(run, [0.2, 0.8], [0, 1], ["1", "2"], [0.1, 0.9])
+    out = tmp_path / "run.csv"
+    monkeypatch.setattr(
+        sub, "read_submission", lambda path: pd.DataFrame({"id": ["1"], "label": [0.5]})
+    )
+    with pytest.raises(sub.SubmissionError, match="1 ids missing"):
+        sub.write_submission(run, sample, out, 0.01, log=lambda *_: None)
+    assert list(tmp_path.glob("run.csv*")) == []

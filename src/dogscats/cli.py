@@ -7,6 +7,7 @@ imported inside each command, so `backbones` answers without loading TensorFlow 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Callable
@@ -62,7 +63,7 @@ def _plan_args(p):
         p.add_argument("--" + name.replace("_", "-"), default=default, help="the make variable")
     p.add_argument("--finetune", action="store_true", help="BACKBONE's arrays are needed")
     for keyword, _ in config.FINETUNE_NAME_PARTS:
-        p.add_argument("--ft-" + keyword.replace("_", "-"), default="", dest=keyword)
+        p.add_argument("--ft-" + keyword.replace("_", "-"), default="")
 
 
 @command("plan", "the Makefile's paths and rules for these variables, as make syntax")(_plan_args)
@@ -70,9 +71,24 @@ def plan_cmd(args):
     from dogscats import plan
 
     variables = {name: getattr(args, name) for name in plan.MAKE_VARIABLES}
-    hyperparameters = {k: getattr(args, k) for k, _ in config.FINETUNE_NAME_PARTS}
+    hyperparameters = {k: getattr(args, "ft_" + k) for k, _ in config.FINETUNE_NAME_PARTS}
     given = plan.Variables(**variables, finetune=args.finetune, hyperparameters=hyperparameters)
     print(plan.as_make(given))
+
+
+def _sources_args(p):
+    _data_dir(p)
+    p.add_argument("--out", required=True, help="the stamp file (plan's SOURCES_STAMP)")
+
+
+@command("sources", "rewrite make's stamp of the source images when any of them changed")(
+    _sources_args
+)
+def sources_cmd(args):
+    from dogscats import plan
+
+    if plan.refresh_sources_stamp(args.data_dir, args.out):
+        print(f"Source images of {args.data_dir} scanned: {args.out}")
 
 
 def _backbones_args(p):
@@ -284,14 +300,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors a user can fix (a bad value, a missing or damaged file, no permission, a full disk):
+# their message is the whole report. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError)
+_FIXES = {
+    errno.EACCES: "make it writable, or point the command at a folder you may write",
+    errno.EPERM: "make it writable, or point the command at a folder you may write",
+    errno.EROFS: "the disk is read-only: point the command at a writable folder",
+    errno.ENOSPC: "free some disk space, then re-run (finished work is kept)",
+    errno.EDQUOT: "free some disk space, then re-run (finished work is kept)",
+    errno.EFBIG: "the file is larger than this system allows (ulimit -f)",
+}
+
+
+def user_message(error: BaseException) -> str:
+    """What `main` prints for a user error: the message, with the file and fix for bare
+    operating-system errors (whose own text names neither the stage nor the fix)."""
+    if isinstance(error, OSError) and error.errno in _FIXES and error.strerror:
+        where = f": {error.filename}" if error.filename else ""
+        return f"{error.strerror}{where}; {_FIXES[error.errno]}"
+    text = str(error).strip()
+    return text or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. A user error ends with one `error:` line and exit status 2, and
+    Ctrl-C with a line saying that a re-run resumes (130); DEBUG=1 shows the traceback."""
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out
+    debug = os.environ.get("DEBUG", "") not in ("", "0")
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as error:
-        # Expected failures (bad input, missing files or weights) end with the message alone.
-        print(f"error: {error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(
+            f"\ninterrupted: `{args.command}` stopped; run the same command again to resume "
+            "(finished work is kept, no half-written file has a final name).",
+            file=sys.stderr,
+        )
+        return 130
+    except USER_ERRORS as error:
+        if debug:
+            raise
+        print(f"error: {user_message(error)}", file=sys.stderr)
+        if getattr(error, "exit_now", False):  # see features.FeatureWriteError
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
     return 0
 

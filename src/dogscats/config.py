@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -32,6 +33,9 @@ DEFAULT_NORM = "ssr_l2"
 PRECISIONS = ("float32", "bfloat16")
 WEIGHT_MODES = ("imagenet", "random")  # or the path of a weights file
 AUGMENTS = ("flip", "full")
+# Kaggle's file names: train/cat.N.jpg, train/dog.N.jpg (label from the name), test/N.jpg (id).
+TRAIN_NAME = re.compile(r"(cat|dog)\.(\d+)\.jpg")
+TEST_NAME = re.compile(r"(\d+)\.jpg")
 REPORT_IMAGES = 48  # make report's K: thumbnails per gallery
 
 DEVICES_HELP = "auto (every accelerator, else the CPU), cpu, or a number of devices"
@@ -75,6 +79,12 @@ def arrays_root(data_dir: str | os.PathLike, features_root: Path = FEATURES_DIR)
 def arrays_dir(data_dir: str | os.PathLike, size: int, features_root: Path = FEATURES_DIR) -> Path:
     """Folder of the uint8 image arrays at one input size."""
     return arrays_root(data_dir, features_root) / str(size)
+
+
+def sources_stamp(data_dir: str | os.PathLike, features_root: Path = FEATURES_DIR) -> Path:
+    """make's view of the source images: rewritten only when a file's name, size or mtime
+    changes (`dogscats.cli sources`), so the arrays' rule sees images replaced in place."""
+    return dataset_dir(data_dir, features_root) / "sources.json"
 
 
 def models_dir(data_dir: str | os.PathLike, features_root: Path = FEATURES_DIR) -> Path:

@@ -7,7 +7,6 @@ sample_submission.csv. Nothing here writes into DATA_DIR except `ensure_data` (`
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -18,11 +17,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dogscats.config import CAT, COMPETITION, DOG
+from dogscats.config import CAT, COMPETITION, DOG, TEST_NAME, TRAIN_NAME
 from dogscats.store import SPLITS
 
-TRAIN_NAME = re.compile(r"(cat|dog)\.(\d+)\.jpg")
-TEST_NAME = re.compile(r"(\d+)\.jpg")
 TRAIN_NAME_REASON = "name does not match cat.N.jpg / dog.N.jpg"
 LABELS = {"cat": CAT, "dog": DOG}
 
@@ -118,7 +115,9 @@ def ensure_data(data_dir: str | os.PathLike) -> Path:
         _warn_missing_sample(root)
         return root
     if not _zips_present(root):
+        _check_writable(root, "download the competition into it")
         _kaggle_download(root)
+    _check_writable(root, f"unzip {OUTER_ZIP} (or train.zip and test.zip) there")
     _extract_zips(root)
     if not has_data(root):
         raise DataMissingError(
@@ -127,6 +126,16 @@ def ensure_data(data_dir: str | os.PathLike) -> Path:
     print(f"Data ready: {root}/train and {root}/test")
     _warn_missing_sample(root)
     return root
+
+
+def _check_writable(root: Path, what: str) -> None:
+    """`make data` writes into DATA_DIR only to get the data; say so before trying."""
+    folder = root if root.exists() else root.parent
+    if not os.access(folder, os.W_OK):
+        raise DataMissingError(
+            f"{folder} is read-only, so `make data` cannot {what}. Unzip them yourself into a "
+            f"writable folder and pass DATA_DIR=<that folder>, or make {folder} writable."
+        )
 
 
 def _warn_missing_sample(root: Path) -> None:

@@ -12,6 +12,11 @@ interrupted run leaves no final file, and a re-run continues from the last batch
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +31,7 @@ from dogscats.store import SPLITS
 # ImageNet-1k class ranges used by the zero-shot head: dogs 151-268, cats 281-285.
 DOG_CLASSES = slice(151, 269)
 CAT_CLASSES = slice(281, 286)
+VERIFY_BLOCK_ROWS = 4096  # rows read at a time when a written file is checked
 
 
 def expected_attrs(
@@ -101,21 +107,132 @@ def extract(
         )
     elif weights == "imagenet" and not spec.offline:
         resolve_keras_weights(spec, weights_dir)  # fail now, before any long work
+    partial = store.partial_path(out)
+    needed = _bytes_needed(manifest["counts"], spec.feature_dim, tta)
+    _check_room(partial, needed)
     where = place(devices)
     batch_size = where.batch_size(batch_size)
     print(f"Forward pass: {where.describe()}, batch {batch_size}", flush=True)
     with where.scope():
         model = build_model(spec, weights, weights_dir, precision)
     forward = make_forward(model, spec, batch_size, flip=(tta == "flip"), where=where)
-    partial = store.partial_path(out)
-    with h5py.File(_open_partial(partial, wanted), "a") as handle:
-        for split in SPLITS:
-            images, index = arrays.load_split(arrays_dir, split)
-            _extract_split(handle, split, images, index, forward, batch_size, tta, progress)
-        _add_zeroshot(handle, spec, weights, tta)
-    os.replace(partial, out)
+    with _write_errors(partial, needed):
+        with h5py.File(_open_partial(partial, wanted), "a") as handle:
+            for split in SPLITS:
+                images, index = arrays.load_split(arrays_dir, split)
+                _extract_split(handle, split, images, index, forward, batch_size, tta, progress)
+            _add_zeroshot(handle, spec, weights, tta)
+    store.commit(partial, out, lambda path: verify_feature_file(path, wanted, manifest["counts"]))
     print(f"Wrote {out}", flush=True)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Complete or absent: room checked first, write errors caught, the file verified before its name
+
+
+def _bytes_needed(counts: dict[str, int], dim: int, tta: str) -> int:
+    """The float32 features of every row (twice with TTA=flip), plus a margin for HDF5's own
+    structures and the small datasets (ids, labels, zero-shot)."""
+    views = 2 if tta == "flip" else 1
+    rows = sum(counts.values())
+    return rows * dim * 4 * views + rows * 64 + (1 << 20)
+
+
+def _check_room(partial: Path, needed: int) -> None:
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    have = partial.stat().st_size if partial.exists() else 0
+    free = shutil.disk_usage(partial.parent).free
+    if free < needed - have:
+        raise OSError(
+            f"no room for {partial}: the feature file needs about {_mb(needed - have)} more, "
+            f"and {_mb(free)} are free on its disk. Free some space and re-run."
+        )
+
+
+def _mb(size: float) -> str:
+    return f"{size / 1e6:,.0f} MB"
+
+
+class FeatureWriteError(OSError):
+    """Writing a feature file failed. HDF5 keeps the failed file open and crashes when Python
+    closes it at exit, so the CLI ends the process right after reporting this."""
+
+    exit_now = True
+
+
+@contextmanager
+def _write_errors(partial: Path, needed: int) -> Iterator[None]:
+    """Turn a failed write into one line naming the file and the space it needs, and remove the
+    partial file (it may hold rows that never reached the disk).
+
+    HDF5 reports some write failures only while h5py frees an object, where Python prints
+    "Exception ignored" and carries on; those are caught through sys.unraisablehook and count
+    as failures too. An interruption (Ctrl-C) keeps the partial file: the next run resumes.
+    """
+    ignored: list[BaseException] = []
+    previous = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: ignored.append(unraisable.exc_value)
+    try:
+        yield
+        failure = ignored[0] if ignored else None
+    except (OSError, RuntimeError) as error:
+        failure = error
+    finally:
+        sys.unraisablehook = previous
+    if failure is None:
+        return
+    store.remove(partial)
+    free = shutil.disk_usage(partial.parent).free if partial.parent.exists() else 0
+    raise FeatureWriteError(
+        f"writing {partial} failed ({_h5_reason(failure)}); the partial file was removed. The "
+        f"feature file needs about {_mb(needed)} and {_mb(free)} are free on its disk: free "
+        "some space (or raise `ulimit -f`) and re-run."
+    ) from failure
+
+
+def _h5_reason(error: BaseException) -> str:
+    """The system's reason inside HDF5's long message, e.g. 'No space left on device'."""
+    text = str(error)
+    match = re.search(r"error message = '([^']+)'", text)
+    return match.group(1) if match else (text.splitlines()[0] if text else type(error).__name__)
+
+
+def verify_feature_file(path: Path, wanted: dict[str, object], counts: dict[str, int]) -> None:
+    """Read a written feature file back before it gets its final name: its settings, every
+    split's row count, and every feature row finite and written (an all-zero row is one the
+    disk never got). Reads in blocks, so memory stays flat. Raises DamagedFileError."""
+
+    def damaged(why: str) -> store.DamagedFileError:
+        return store.DamagedFileError(f"{path}: {why}; it was not kept. Re-run to rebuild it.")
+
+    try:
+        with h5py.File(path, "r") as handle:
+            attrs = {name: _plain(handle.attrs.get(name)) for name in wanted}
+            changed = store.changed_settings(attrs, wanted)
+            if changed:
+                raise damaged(f"settings differ from those asked for: {', '.join(changed)}")
+            for split in SPLITS:
+                _verify_split(handle, split, counts[split], damaged)
+    except (OSError, KeyError, RuntimeError) as error:
+        raise damaged(f"unreadable ({_h5_reason(error)})") from None
+
+
+def _verify_split(handle, split: str, rows: int, damaged) -> None:
+    group = handle[split]
+    if int(group.attrs.get("rows_done", -1)) != rows or len(group["ids"]) != rows:
+        raise damaged(f"{split} holds {group.attrs.get('rows_done')} of {rows} rows")
+    for name in (n for n in ("features", "features_flip") if n in group):
+        data = group[name]
+        if data.shape[0] != rows:
+            raise damaged(f"{split}/{name} has {data.shape[0]} rows, not {rows}")
+        for first in range(0, rows, VERIFY_BLOCK_ROWS):
+            block = data[first : first + VERIFY_BLOCK_ROWS]
+            if not np.isfinite(block).all():
+                raise damaged(f"{split}/{name} holds NaN or infinite values near row {first}")
+            if (~block.any(axis=1)).any():
+                row = first + int(np.flatnonzero(~block.any(axis=1))[0])
+                raise damaged(f"{split}/{name} row {row} is all zeros (never written)")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -211,13 +328,42 @@ def zeroshot_dog_probability(logits: np.ndarray) -> np.ndarray:
 
 
 def load_features(path: str | os.PathLike, split: str) -> dict[str, np.ndarray]:
-    """All datasets of one split of a feature file, plus its attrs under 'attrs'."""
-    with h5py.File(path, "r") as handle:
-        group = handle[split]
-        data = {name: group[name][...] for name in group}
-        data["ids"] = data["ids"].astype(str)
-        data["attrs"] = dict(handle.attrs)
+    """All datasets of one split of a feature file, plus its attrs under 'attrs'.
+
+    A file that cannot be read whole (cut short, corrupt, rows that disagree) is set aside
+    as `<name>.damaged` and refused with one line saying how to rebuild it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `make features` for it first.")
+    try:
+        with h5py.File(path, "r") as handle:
+            group = handle[split]
+            data = {name: group[name][...] for name in group}
+            data["ids"] = data["ids"].astype(str)
+            data["attrs"] = dict(handle.attrs)
+        problem = _load_problem(data)
+    except (OSError, KeyError, RuntimeError, ValueError) as error:
+        problem = f"unreadable ({_h5_reason(error)})"
+    if problem is not None:
+        aside = store.set_aside(path)
+        raise store.DamagedFileError(
+            f"{path} is damaged: {split} {problem}. Moved it to {aside.name}; run make (or "
+            "`make features`) again to rebuild it."
+        )
     return data
+
+
+def _load_problem(data: dict[str, np.ndarray]) -> str | None:
+    rows = len(data["ids"])
+    for name, values in data.items():
+        if name == "attrs" or not isinstance(values, np.ndarray):
+            continue
+        if len(values) != rows:
+            return f"{name} has {len(values)} rows and ids {rows}"
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            return f"{name} holds NaN or infinite values"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------

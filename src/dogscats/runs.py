@@ -106,9 +106,31 @@ def read_run(run_dir: str | os.PathLike) -> Run:
             f"{metrics_path(path)} not found or unreadable: {path} is not a finished run. "
             "Run `make train` (or `make finetune`) for it first."
         )
-    oof = pd.read_csv(path / "oof.csv", dtype={"id": str})
-    test = pd.read_csv(path / "test.csv", dtype={"id": str})
+    oof = _read_predictions(path, "oof.csv", ["id", "label", "fold", "pred"])
+    test = _read_predictions(path, "test.csv", ["id", "pred"])
     return Run(path, oof, test, metrics)
+
+
+def _read_predictions(run_dir: Path, name: str, columns: list[str]) -> pd.DataFrame:
+    """A run's predictions, checked: the columns, at least one row, finite values in [0, 1].
+    A damaged file is refused by name and the run's stamp set aside, so make redoes the run."""
+    path = run_dir / name
+    try:
+        frame = pd.read_csv(path, dtype={"id": str})
+        problem = None
+        if list(frame.columns) != columns or frame.empty:
+            problem = f"expected columns {','.join(columns)} and rows"
+        elif not frame["pred"].between(0, 1).all():  # NaN fails too
+            problem = "predictions missing or outside [0, 1]"
+    except (OSError, ValueError) as error:
+        problem = f"unreadable ({str(error).splitlines()[0] if str(error) else error!r})"
+    if problem is not None:
+        store.set_aside(metrics_path(run_dir))
+        raise store.DamagedFileError(
+            f"{path} is damaged: {problem}. Set the run aside; run make (or `make train`) "
+            "again to redo it."
+        )
+    return frame
 
 
 def stored_settings(run_dir: str | os.PathLike) -> dict | None:

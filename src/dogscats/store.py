@@ -41,34 +41,71 @@ def fsync_file(path: str | os.PathLike) -> None:
         os.fsync(handle.fileno())
 
 
-def atomic_save(path: str | os.PathLike, save: Callable[[Path], Any]) -> Path:
+Verify = Callable[[Path], Any]  # reads a finished partial file back; raises when it is wrong
+
+
+class DamagedFileError(ValueError):
+    """An output or cache fails its checks: cut short, unreadable, or not what it claims."""
+
+
+def commit(partial: str | os.PathLike, path: str | os.PathLike, verify: Verify | None = None):
+    """Give a finished partial file its final name: `verify(partial)` reads it back (when
+    given), then it is synced and renamed. A file that fails its check is removed, never
+    renamed, and the error propagates."""
+    partial = Path(partial)
+    try:
+        if verify is not None:
+            verify(partial)
+        fsync_file(partial)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, path)
+    return Path(path)
+
+
+def atomic_save(
+    path: str | os.PathLike, save: Callable[[Path], Any], verify: Verify | None = None
+) -> Path:
     """`atomic_write` for writers that take a file name, not a handle (Keras `save_weights`):
-    `save(partial)` writes the partial name, which is then synced and renamed into place."""
+    `save(partial)` writes the partial name, `verify(partial)` (when given) reads it back, and
+    only then is it synced and renamed into place."""
     path = Path(path)
     tmp = partial_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         save(tmp)
-        fsync_file(tmp)
-        os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return path
+    return commit(tmp, path, verify)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
+def set_aside(path: str | os.PathLike) -> Path:
+    """Move a damaged file out of the way (`name.damaged`, replacing an older one) so that the
+    stage that makes it, and make, see it missing and rebuild it; kept for a look."""
+    path = Path(path)
+    aside = path.with_name(path.name + ".damaged")
+    if path.exists():
+        os.replace(path, aside)
+    return aside
+
+
+def atomic_write(
+    path: str | os.PathLike, write: Callable[[IO[bytes]], Any], verify: Verify | None = None
+) -> Path:
     """Write `path` through `write(handle)` on its partial name, fsync, rename into place.
 
-    On any error (a full disk included) the partial file is removed and the error propagates:
-    the final name either holds the complete old content or the complete new one.
+    On any error (a full disk included, or `verify` refusing what was written) the partial
+    file is removed and the error propagates: the final name either holds the complete old
+    content or the complete new one.
     """
 
     def save(partial: Path) -> None:
         with open(partial, "wb") as handle:
             write(handle)
 
-    return atomic_save(path, save)
+    return atomic_save(path, save, verify)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
@@ -88,10 +125,10 @@ def read_json(path: str | os.PathLike) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def write_csv(path: str | os.PathLike, frame, **to_csv: Any) -> Path:
+def write_csv(path: str | os.PathLike, frame, verify: Verify | None = None, **to_csv: Any) -> Path:
     """A pandas DataFrame as CSV, without the index unless asked."""
     to_csv.setdefault("index", False)
-    return atomic_write(path, lambda handle: frame.to_csv(handle, **to_csv))
+    return atomic_write(path, lambda handle: frame.to_csv(handle, **to_csv), verify)
 
 
 def write_joblib(path: str | os.PathLike, value: object) -> Path:

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from dogscats import runs, store
+from dogscats.plan import check_clip
 
 # Never 0: a clip of 1e-4 costs at most 9.2 / n_test per confident mistake on the leaderboard.
 CLIP_GRID = np.round(np.geomspace(1e-4, 0.05, 40), 6)
@@ -45,37 +46,93 @@ class SubmissionError(ValueError):
     pass
 
 
-def check_submission(frame: pd.DataFrame, expected_ids: pd.Series) -> None:
-    """Every expected id exactly once, in order, no NaN, all labels in [0, 1]."""
+HEADER = ("id", "label")
+_MISSING_TEXT = ("", "nan", "NaN", "NA", "null")  # what pandas would read as NaN
+
+
+def check_submission(
+    frame: pd.DataFrame, expected_ids: pd.Series, ordered: bool = True, source: str = "Submission"
+) -> pd.DataFrame:
+    """What the competition's scorer checks, for the writer and for `make score` alike: the
+    header `id,label`, whole-number ids, every expected id exactly once and no other, numeric
+    labels, no NaN, all in [0, 1]; with `ordered`, also sample_submission's order. Returns the
+    frame with ids as strings of whole numbers and labels as floats."""
+    columns = tuple(str(name) for name in frame.columns)
+    if columns != HEADER:
+        raise SubmissionError(
+            f"{source} rejected: the header must be `id,label`. Received: {','.join(columns)!r}"
+        )
+    raw_ids, raw_labels = frame["id"].astype(str).str.strip(), frame["label"]
+    numbers = pd.to_numeric(raw_ids, errors="coerce")
+    whole = numbers.notna() & (numbers % 1 == 0)
     problems = []
-    if frame["id"].duplicated().any():
-        problems.append(f"duplicate ids: {frame['id'][frame['id'].duplicated()].tolist()[:10]}")
-    missing = set(expected_ids) - set(frame["id"])
+    if not whole.all():
+        problems.append(f"ids that are not whole numbers: {raw_ids[~whole].tolist()[:10]}")
+    ids = raw_ids.where(~whole, numbers[whole].astype("int64").astype(str))
+    labels = pd.to_numeric(raw_labels, errors="coerce").astype(float)
+    missing_text = raw_labels.astype(str).str.strip().isin(_MISSING_TEXT) | raw_labels.isna()
+    not_numbers = labels.isna() & ~missing_text
+    if not_numbers.any():
+        problems.append(f"labels that are not numbers: {raw_labels[not_numbers].tolist()[:10]}")
+    if missing_text.any():
+        problems.append(f"{int(missing_text.sum())} NaN or empty labels")
+    outside = labels.notna() & ~labels.between(0, 1)
+    if outside.any():
+        problems.append(f"{int(outside.sum())} labels outside [0, 1]")
+    if ids.duplicated().any():
+        problems.append(f"duplicate ids: {ids[ids.duplicated()].tolist()[:10]}")
+    expected = set(expected_ids)
+    missing = expected - set(ids)
     if missing:
         problems.append(f"{len(missing)} ids missing, e.g. {sorted(missing)[:10]}")
-    extra = set(frame["id"]) - set(expected_ids)
+    extra = set(ids) - expected
     if extra:
-        problems.append(
-            f"{len(extra)} ids not in sample_submission.csv, e.g. {sorted(extra)[:10]}"
-        )
-    if frame["label"].isna().any():
-        problems.append(f"{int(frame['label'].isna().sum())} NaN labels")
-    elif not frame["label"].between(0, 1).all():
-        problems.append("labels outside [0, 1]")
-    if not problems and not np.array_equal(frame["id"].to_numpy(), expected_ids.to_numpy()):
+        problems.append(f"{len(extra)} ids not in the expected ids, e.g. {sorted(extra)[:10]}")
+    if not problems and ordered and not np.array_equal(ids.to_numpy(), expected_ids.to_numpy()):
         problems.append("ids not in sample_submission.csv's order")
     if problems:
-        raise SubmissionError("Submission rejected: " + "; ".join(problems))
+        raise SubmissionError(f"{source} rejected: " + "; ".join(problems))
+    return pd.DataFrame({"id": ids, "label": labels})
+
+
+def read_csv(path: str | os.PathLike, what: str) -> pd.DataFrame:
+    """A small id,... CSV read as text (checks convert), with one clear line when it is
+    missing or not a CSV at all."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {what}")
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (ValueError, UnicodeDecodeError) as error:  # empty file, ragged rows, binary
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise SubmissionError(f"{path} is not a readable CSV ({first}): {what}") from None
+
+
+def read_submission(path: str | os.PathLike) -> pd.DataFrame:
+    return read_csv(path, "give the submission CSV to score (SUBMISSION=...)")
 
 
 def read_ids(sample_submission: str | os.PathLike) -> pd.Series:
+    """The test ids in the competition's order, from sample_submission.csv; without it, from
+    the names of DATA_DIR/test (N.jpg, sorted by N, which is the sample's order)."""
     path = Path(sample_submission)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: the submission takes its ids and their order from the "
-            "competition's sample_submission.csv. Run `make data` or put it in DATA_DIR."
+    if not path.exists():
+        from dogscats.data import scan_split  # pandas only; the folder may be absent too
+
+        print(f"Note: {path} is missing; the test ids come from {path.parent / 'test'}.")
+        return scan_split(path.parent, "test")[0]["id"].astype(str).reset_index(drop=True)
+    frame = read_csv(path, "re-download the competition's sample_submission.csv")
+    if "id" not in frame.columns:
+        raise SubmissionError(
+            f"{path}: its header has no `id` column (received "
+            f"{','.join(map(str, frame.columns))!r}); the first line must be `id,label`. Fix "
+            "it or re-download the file."
         )
-    return pd.read_csv(path)["id"].astype(str)
+    ids = frame["id"].str.strip()
+    if not ids.str.fullmatch(r"\d+").all():
+        odd = ids[~ids.str.fullmatch(r"\d+")].tolist()[:10]
+        raise SubmissionError(f"{path}: ids must be whole numbers, e.g. {odd}; re-download it.")
+    return ids.astype("int64").astype(str).reset_index(drop=True)
 
 
 def write_submission(
@@ -88,6 +145,8 @@ def write_submission(
     """Clip the run's test predictions and write `out` in sample_submission's id order."""
     run = runs.read_run(run_dir)
     oof, test, cv = run.oof, run.test, run.metrics
+    if clip_value is not None:
+        check_clip(str(clip_value))
     c = (
         choose_clip(oof["label"].to_numpy(), oof["pred"].to_numpy())
         if clip_value is None
@@ -99,8 +158,12 @@ def write_submission(
     frame["label"] = clip(frame["label"].to_numpy(), c)
     if set(frame["id"]) == set(ids) and not frame["id"].duplicated().any():
         frame = frame.set_index("id").loc[ids].reset_index()  # sample_submission's order
-    check_submission(frame, ids)
-    store.write_csv(out, frame, float_format="%.6f")
+    check_submission(frame, ids, source=f"Submission {out}")
+
+    def verify(partial: Path) -> None:  # what was written reads back and passes the same checks
+        check_submission(read_submission(partial), ids, source=f"Submission {out}")
+
+    store.write_csv(out, frame, verify=verify, float_format="%.6f")
     log(f"Wrote {out}")
     log(
         f"clip c={c:g} ({'from out-of-fold predictions' if clip_value is None else 'CLIP'}); "
@@ -111,14 +174,14 @@ def write_submission(
 
 
 def score(submission: str | os.PathLike, labels: str | os.PathLike) -> dict[str, float]:
-    """Log loss and accuracy of a submission against an `id,label` labels file."""
-    sub = pd.read_csv(submission, dtype={"id": str})
-    truth = pd.read_csv(labels, dtype={"id": str})
-    merged = truth.merge(sub, on="id", how="left", suffixes=("_true", "_pred"))
-    if merged["label_pred"].isna().any():
-        missing = merged.loc[merged["label_pred"].isna(), "id"].tolist()
-        raise SubmissionError(
-            f"{submission} lacks {len(missing)} labelled ids, e.g. {missing[:10]}"
-        )
+    """Log loss and accuracy of a submission against an `id,label` labels file. The submission
+    must pass the checks the writer applies (any order of ids); else SubmissionError."""
+    frame = read_csv(labels, "give the true labels as an id,label CSV (LABELS=...)")
+    own_ids = frame["id"].str.strip() if "id" in frame else pd.Series(dtype=str)
+    truth = check_submission(frame, own_ids, ordered=False, source=f"Labels {labels}")
+    sub = check_submission(
+        read_submission(submission), truth["id"], ordered=False, source=f"Submission {submission}"
+    )
+    merged = truth.merge(sub, on="id", suffixes=("_true", "_pred"))
     y, p = merged["label_true"].to_numpy(), merged["label_pred"].to_numpy()
     return {"log_loss": log_loss(y, p), "accuracy": float(np.mean((p > 0.5) == (y == 1)))}

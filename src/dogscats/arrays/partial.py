@@ -32,6 +32,33 @@ def state_path(out: Path, split: str) -> Path:
     return out / f"{split}.partial.state.npz"
 
 
+def finished_state_path(out: Path, split: str) -> Path:
+    """The last checkpoint of a finished split whose rows all decoded: the source stamps of
+    its rows, so that a later change of some files redoes only their rows."""
+    return out / f"{split}.state.npz"
+
+
+def keep_finished_state(out: Path, split: str, complete: bool) -> None:
+    """After a split is finished: keep its checkpoint when the array holds every listed row
+    (row r is file r), else drop it (a compacted array no longer lines up with the listing)."""
+    if complete and state_path(out, split).is_file():
+        os.replace(state_path(out, split), finished_state_path(out, split))
+    else:
+        remove(state_path(out, split), finished_state_path(out, split))
+
+
+def reopen_finished(out: Path, split: str) -> bool:
+    """Turn a finished split back into a partial one (its array and checkpoint under their
+    partial names), so that `open_job` keeps every row whose file is unchanged. False when
+    there is nothing to reopen, or a partial run is already there to resume."""
+    array, state = final_array(out, split), finished_state_path(out, split)
+    if not (array.is_file() and state.is_file()) or partial_path(array).exists():
+        return False
+    os.replace(state, state_path(out, split))
+    os.replace(array, partial_path(array))
+    return True
+
+
 @dataclass
 class SplitJob:
     """A split being decoded: its partial array, which rows are in, and which files were bad."""

@@ -5,6 +5,8 @@ Out dir (config.arrays_dir(DATA_DIR, size)) after `preprocess`:
   train_index.csv / test_index.csv  id,label,file of the rows, in array order
   report.csv                      file,split,reason of every left-out train file
   train_done.json / test_done.json  a finished split's source key (a re-run skips it)
+  train.state.npz / test.state.npz  the finished rows' source stamps: when files change, only
+                                  their rows are decoded again
   manifest.json                   counts, size, fingerprint; written last, so its presence
                                   means the whole set is complete
 While running, partial arrays and their done-masks (see partial.py) let an interrupted run
@@ -23,17 +25,33 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
 from dogscats import config
-from dogscats.arrays.partial import SplitJob, final_array, open_job, state_path
+from dogscats.arrays.partial import (
+    SplitJob,
+    final_array,
+    keep_finished_state,
+    open_job,
+    reopen_finished,
+)
 from dogscats.arrays.sources import FORMAT_VERSION, Listing, list_split
 from dogscats.arrays.workers import Decoder
 from dogscats.data import BadInputError
-from dogscats.store import SPLITS, digest, read_json, remove, write_csv, write_json
+from dogscats.store import (
+    SPLITS,
+    DamagedFileError,
+    digest,
+    read_json,
+    remove,
+    set_aside,
+    write_csv,
+    write_json,
+)
 
 MANIFEST = "manifest.json"
 REPORT = "report.csv"
@@ -116,7 +134,7 @@ def _finish_split(out: Path, job: SplitJob) -> SplitResult:
         raise BadInputError(f"no image in {listing.folder} could be decoded")
     job.move_into_place(final_array(out, listing.split))
     write_csv(_index_csv(out, listing.split), listing.frame.loc[done].reset_index(drop=True))
-    remove(state_path(out, listing.split))
+    keep_finished_state(out, listing.split, complete=bool(done.all()))
     result = SplitResult(int(done.sum()), bad)
     key = listing.source_key(job.size)
     write_json(_done_json(out, listing.split), {"key": key, "count": result.count, "bad": bad})
@@ -136,6 +154,7 @@ def _process_splits(
             results[split] = finished
         else:
             remove(_done_json(out, split))
+            reopen_finished(out, split)  # only the rows of changed files are decoded again
             jobs.append(open_job(out, listing, size))
     for job in _decode(jobs, decoder, progress):
         results[job.listing.split] = _finish_split(out, job)
@@ -197,34 +216,68 @@ def preprocess(
         "fingerprint": _fingerprint(out, sources, size),
     }
     write_json(out / MANIFEST, manifest)
+    _date_manifest(out)
     print(f"Arrays written: {out} ({_counts_text(manifest)})")
     return manifest
 
 
 def load_split(out_dir: str | os.PathLike, split: str) -> tuple[np.ndarray, pd.DataFrame]:
-    """The (N, S, S, 3) uint8 array of a split (read-only memmap) and its id,label,file index."""
+    """The (N, S, S, 3) uint8 array of a split (read-only memmap) and its id,label,file index.
+
+    A cut or unreadable array or index is refused by name; the manifest is set aside with it,
+    so that `make` (and `preprocess`) see the arrays as missing and rebuild them.
+    """
     out = Path(out_dir)
     manifest = read_manifest(out)  # its presence means the arrays are complete
-    images = np.load(final_array(out, split), mmap_mode="r")
-    index = pd.read_csv(_index_csv(out, split), dtype={"id": str if split == "train" else "int64"})
-    if not len(images) == len(index) == manifest["counts"][split]:
-        raise ValueError(
-            f"{out}: {split}.npy has {len(images)} rows, {split}_index.csv {len(index)}, the "
-            f"manifest {manifest['counts'][split]}; delete {out} and run `make preprocess`."
+    array, index_csv = final_array(out, split), _index_csv(out, split)
+    try:
+        images = np.load(array, mmap_mode="r")
+    except (OSError, ValueError) as error:
+        _damaged(out, array, f"unreadable ({error})")
+    try:
+        index = pd.read_csv(index_csv, dtype={"id": str if split == "train" else "int64"})
+    except (OSError, ValueError) as error:
+        _damaged(out, index_csv, f"unreadable ({str(error).splitlines()[0]})")
+    counts = (len(images), len(index), manifest["counts"][split])
+    if not counts[0] == counts[1] == counts[2]:
+        _damaged(
+            out,
+            array,
+            f"{split}.npy has {counts[0]} rows, {split}_index.csv {counts[1]}, the manifest "
+            f"{counts[2]}",
         )
     return images, index
 
 
+def _damaged(out: Path, path: Path, why: str) -> NoReturn:
+    set_aside(path)
+    set_aside(out / MANIFEST)
+    raise DamagedFileError(
+        f"{path} is damaged: {why}. Set it aside; run make (or `make preprocess`) again to "
+        "rebuild the arrays."
+    )
+
+
 def read_manifest(out_dir: str | os.PathLike) -> dict:
-    """manifest.json of an arrays folder, with a clear error when preprocessing has not run."""
+    """manifest.json of an arrays folder, with a clear error when preprocessing has not run
+    or the file is cut (then it is set aside, so that make runs preprocessing again)."""
     path = Path(out_dir) / MANIFEST
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(
             f"{path} not found: the image arrays are missing or incomplete. "
             "Run `make preprocess` (for this DATA_DIR and input size) first."
         ) from None
+    except ValueError:
+        manifest = None
+    if not isinstance(manifest, dict) or not {"counts", "fingerprint"} <= manifest.keys():
+        set_aside(path)
+        raise DamagedFileError(
+            f"{path} is damaged (not a whole manifest). Set it aside; run make (or `make "
+            "preprocess`) again to rebuild the arrays."
+        )
+    return manifest
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,6 +285,8 @@ def read_manifest(out_dir: str | os.PathLike) -> dict:
 
 
 def _up_to_date(out: Path, sources: str) -> dict | None:
+    """The manifest when the arrays stand: made from these sources, every output in place and
+    each array as long as the manifest says (a cut file fails this; it costs two stats)."""
     try:
         manifest = read_manifest(out)
     except (FileNotFoundError, ValueError):
@@ -239,7 +294,28 @@ def _up_to_date(out: Path, sources: str) -> dict | None:
     outputs = [final_array(out, s) for s in SPLITS] + [_index_csv(out, s) for s in SPLITS]
     if manifest.get("sources") != sources or not all(path.is_file() for path in outputs):
         return None
+    if not all(_whole(out, split, manifest) for split in SPLITS):
+        return None
     return manifest
+
+
+def _whole(out: Path, split: str, manifest: dict) -> bool:
+    """The split's array holds every row the manifest counts, to its last byte."""
+    try:
+        images = np.load(final_array(out, split), mmap_mode="r")
+    except (OSError, ValueError):
+        return False
+    expected = (manifest["counts"][split], manifest["size"], manifest["size"], 3)
+    return images.shape == expected and images.dtype == np.uint8
+
+
+def _date_manifest(out: Path) -> None:
+    """Give the manifest the time the arrays last changed (their files' newest mtime), not
+    now: a manifest rewritten over unchanged arrays (after a cut one was set aside) then
+    leaves the feature files, which make compares with it, up to date."""
+    outputs = [final_array(out, s) for s in SPLITS] + [_index_csv(out, s) for s in SPLITS]
+    newest = max(path.stat().st_mtime_ns for path in outputs)
+    os.utime(out / MANIFEST, ns=(newest, newest))
 
 
 def _fingerprint(out: Path, sources: str, size: int) -> str:

@@ -204,6 +204,8 @@ def _unavailable_message(
 # ----------------------------------------------------------------------------------------------
 # Building
 
+RANDOM_WEIGHTS_SEED = 2017
+
 
 def _builder_weights(
     spec: BackboneSpec, weights: str, weights_dir: str | None, include_top: bool, size: int
@@ -237,6 +239,12 @@ def build_backbone(
     """
     spec = get_backbone(name)
     size = input_size or spec.input_size
+    if weights == "random":
+        # The same random weights on every build: a resumed run must not stitch rows made by
+        # two different networks into one file.
+        import keras
+
+        keras.utils.set_random_seed(RANDOM_WEIGHTS_SEED)
     return spec.build_fn()(
         include_top=include_top,
         weights=_builder_weights(spec, weights, weights_dir, include_top, size),

@@ -60,6 +60,10 @@ def build_cache(
     maps = {}
     for split in store.SPLITS:
         path = folder / f"{split}.npy"
+        rows = arrays.read_manifest(arrays_dir)["counts"][split]
+        if path.is_file() and not _whole(path, rows):
+            log(f"{path} is damaged (cut short or unreadable): set aside, rebuilding it")
+            store.set_aside(path)
         if not path.is_file():
             images, _ = arrays.load_split(arrays_dir, split)
             if forward is None:  # the bottom runs at the arrays' size, whatever the registry's
@@ -69,6 +73,14 @@ def build_cache(
             _fill_split(path, images, forward, batch_size, dtype, progress)
         maps[split] = np.load(path, mmap_mode="r")
     return maps
+
+
+def _whole(path: Path, rows: int) -> bool:
+    """A finished cache file that reads whole and holds every row."""
+    try:
+        return np.load(path, mmap_mode="r").shape[0] == rows
+    except (OSError, ValueError):
+        return False
 
 
 def drop_stale_caches(root: Path, source: dict, log: Log) -> None:
