@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -71,6 +72,26 @@ def submissions_dir(data_dir: str | os.PathLike, root: Path = SUBMISSIONS_DIR) -
 # Names: feature files, runs, submissions
 
 
+def backbone_stem(backbone: str) -> str:
+    """A backbone name as it appears in file and run names. Registered names stay as they are;
+    a source name (`hub:<preset>`, `savedmodel:<dir>:<size>`) becomes `hub-dinov2_base`, or for
+    a folder its last part and a hash of the absolute name, so two folders never share a file.
+    """
+    prefix, colon, rest = backbone.partition(":")
+    if not colon:
+        return backbone
+    if re.fullmatch(r"[A-Za-z0-9_.-]+", rest) and not os.path.isdir(rest):
+        return f"{prefix}-{rest}"
+    where = rest if "://" in rest else os.path.abspath(os.path.expanduser(rest))
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "_", rest.rstrip("/").rsplit("/", 1)[-1]).strip("_")
+    return f"{prefix}-{base}-{hashlib.sha1(where.encode()).hexdigest()[:8]}"
+
+
+def layer_stem(backbone: str, layer: str | None = None) -> str:
+    """`vgg16@block4_pool` when features come from an inner layer, else the backbone's stem."""
+    return backbone_stem(backbone) + (f"@{layer}" if layer else "")
+
+
 def feature_tag(weights: str = "imagenet", precision: str = "float32", tta: str = "none") -> str:
     """Suffix naming the settings that change a backbone's features, e.g. `.bf16.flip`."""
     tag = ".random" if weights == "random" else ""
@@ -85,15 +106,18 @@ def feature_path(
     precision: str = "float32",
     tta: str = "none",
     features_root: Path = FEATURES_DIR,
+    layer: str | None = None,
 ) -> Path:
-    """The feature file of one backbone. A file with mirrored features also holds the plain
-    ones, so for tta="none" an existing `.flip` file is the answer (never extracted twice)."""
+    """The feature file of one backbone (`<backbone>[@<layer>]<tag>.h5`). A file with mirrored
+    features also holds the plain ones, so for tta="none" an existing `.flip` file is the answer
+    (never extracted twice)."""
     folder = dataset_dir(data_dir, features_root)
+    stem = layer_stem(backbone, layer)
     if tta == "none":
-        flipped = folder / f"{backbone}{feature_tag(weights, precision, 'flip')}.h5"
+        flipped = folder / f"{stem}{feature_tag(weights, precision, 'flip')}.h5"
         if flipped.is_file():
             return flipped
-    return folder / f"{backbone}{feature_tag(weights, precision, tta)}.h5"
+    return folder / f"{stem}{feature_tag(weights, precision, tta)}.h5"
 
 
 def settings_suffix(
@@ -109,9 +133,12 @@ def settings_suffix(
     return suffix + (f"__seed{seed}" if int(seed) != SEED else "")
 
 
-def head_run_name(backbones: list[str], head: str, **settings) -> str:
-    """e.g. `efficientnet_lite0+efficientnet_lite1__logreg__flip`."""
-    return f"{'+'.join(backbones)}__{head}{settings_suffix(**settings)}"
+def head_run_name(
+    backbones: list[str], head: str, layer: str | None = None, **settings
+) -> str:
+    """e.g. `efficientnet_lite0+efficientnet_lite1__logreg__flip`, `vgg16@block4_pool__logreg`."""
+    stems = "+".join(layer_stem(name, layer) for name in backbones)
+    return f"{stems}__{head}{settings_suffix(**settings)}"
 
 
 # The fine-tuning hyperparameters a user may set (make's FT_*, the CLI's flags): keyword, the
@@ -134,7 +161,7 @@ def finetune_run_name(
     away from its default is in the name, so runs with other values sit side by side."""
     given = hyperparameters or {}
     parts = "".join(f"__{part}{given[key]}" for key, part in FINETUNE_NAME_PARTS if key in given)
-    return f"{backbone}__finetune{blocks}__aug{augment}{parts}{settings_suffix(**settings)}"
+    return f"{backbone_stem(backbone)}__finetune{blocks}__aug{augment}{parts}{settings_suffix(**settings)}"
 
 
 def submission_path(data_dir: str | os.PathLike, run: str, clip: str = "auto") -> Path:

@@ -4,7 +4,8 @@ File layout (one per backbone and settings):
     train/features, train/features_flip (TTA=flip), train/ids, train/labels, train/zeroshot...
     test/...    the same without labels
     attrs: backbone, input_size, feature_dim, weights, weights_source, preprocess, precision,
-           tta, fingerprint (of the image arrays), keras/tensorflow versions.
+           tta, fingerprint (of the image arrays), keras/tensorflow versions; and layer, when
+           the features pool an inner layer (LAYER) rather than the backbone's output.
 The file is filled under a `.partial` name, batch by batch, and renamed when complete: an
 interrupted run leaves no final file, and a re-run continues from the last batch written.
 """
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 from dogscats import arrays, config, store
 from dogscats.backbones import BackboneSpec, build_backbone, get_backbone, resolve_keras_weights
+from dogscats.backbones import layers as backbone_layers
 from dogscats.store import SPLITS
 
 # ImageNet-1k class ranges used by the zero-shot head: dogs 151-268, cats 281-285.
@@ -31,13 +33,21 @@ CAT_CLASSES = slice(281, 286)
 
 
 def expected_attrs(
-    spec: BackboneSpec, weights: str, precision: str, tta: str, fingerprint: str
+    spec: BackboneSpec,
+    weights: str,
+    precision: str,
+    tta: str,
+    fingerprint: str,
+    layer: str | None = None,
 ) -> dict[str, object]:
-    """The attributes that identify a feature file; a file whose attrs differ is not reused."""
+    """The attributes that identify a feature file; a file whose attrs differ is not reused.
+    `layer` (and its dim) only when set, so files of the backbone's output keep their attrs."""
+    layered = {"layer": layer} if layer else {}
     return {
         "backbone": spec.name,
         "input_size": spec.input_size,
-        "feature_dim": spec.feature_dim,
+        "feature_dim": backbone_layers.layer_dim(spec.name, layer) if layer else spec.feature_dim,
+        **layered,
         "weights": weights,
         "weights_source": "random" if weights == "random" else spec.weights_source,
         "preprocess": spec.preprocess,
@@ -79,18 +89,24 @@ def extract(
     arrays_dir: str | os.PathLike | None = None,
     out: str | os.PathLike | None = None,
     progress: bool = True,
+    layer: str | None = None,
 ) -> Path:
-    """Write (or find up to date) the feature file of one backbone; return its path."""
+    """Write (or find up to date) the feature file of one backbone; return its path.
+    `layer`: pool that layer's output instead of the backbone's last (checked first)."""
     spec = get_backbone(backbone)
     _check_choice("TTA", tta, ("none", "flip"))
     _check_choice("PRECISION", precision, ("float32", "bfloat16"))
+    if layer:
+        backbone_layers.layer_dim(spec.name, layer)  # a wrong name stops here, in seconds
     arrays_dir = Path(arrays_dir or config.arrays_dir(data_dir, spec.input_size))
     out = Path(
         out
-        or config.feature_path(data_dir, backbone, weights=weights, precision=precision, tta=tta)
+        or config.feature_path(
+            data_dir, backbone, weights=weights, precision=precision, tta=tta, layer=layer
+        )
     )
     manifest = arrays.read_manifest(arrays_dir)
-    wanted = expected_attrs(spec, weights, precision, tta, manifest["fingerprint"])
+    wanted = expected_attrs(spec, weights, precision, tta, manifest["fingerprint"], layer)
     if is_up_to_date(out, wanted):
         print(f"{out} is up to date.")
         return out
@@ -100,16 +116,17 @@ def extract(
             "and dry runs only, not for a real submission. ***",
             flush=True,
         )
-    elif weights == "imagenet" and not spec.offline:
+    elif weights == "imagenet" and spec.weights_source == "keras":
         resolve_keras_weights(spec, weights_dir)  # fail now, before any long work
-    model = build_model(spec, weights, weights_dir, precision)
+    model = build_model(spec, weights, weights_dir, precision, layer)
     forward = make_forward(model, spec, batch_size, flip=(tta == "flip"))
     partial = store.partial_path(out)
     with h5py.File(_open_partial(partial, wanted), "a") as handle:
         for split in SPLITS:
             images, index = arrays.load_split(arrays_dir, split)
             _extract_split(handle, split, images, index, forward, batch_size, tta, progress)
-        _add_zeroshot(handle, spec, weights, tta)
+        if not layer:  # the ImageNet classifier reads the last layer's features only
+            _add_zeroshot(handle, spec, weights, tta)
     os.replace(partial, out)
     print(f"Wrote {out}", flush=True)
     return out
@@ -120,15 +137,26 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(choices)}. Received: {value!r}")
 
 
-def build_model(spec: BackboneSpec, weights: str, weights_dir: str | None, precision: str):
-    """The backbone as `extract` builds it: the given weights, computed in `precision`."""
+def build_model(
+    spec: BackboneSpec,
+    weights: str,
+    weights_dir: str | None,
+    precision: str,
+    layer: str | None = None,
+):
+    """The backbone as `extract` builds it: the given weights, computed in `precision`, its
+    output pooled (or `layer`'s output pooled, when given) to (batch, dim)."""
     import keras
 
     keras.mixed_precision.set_global_policy(
         "mixed_bfloat16" if precision == "bfloat16" else "float32"
     )
     try:
-        return build_backbone(spec.name, weights=weights, weights_dir=weights_dir)
+        if not layer:
+            return build_backbone(spec.name, weights=weights, weights_dir=weights_dir)
+        backbone_layers.layer_dim(spec.name, layer)  # checked on the graph before any weights
+        whole = build_backbone(spec.name, weights=weights, weights_dir=weights_dir, pooling=None)
+        return backbone_layers.pooled_at(whole, layer)
     finally:
         keras.mixed_precision.set_global_policy("float32")
 

@@ -8,12 +8,14 @@ owner (config.py). Standard library only: it answers before the venv exists, in 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from dogscats import backbones, config
 
-LINE_BREAK = ";;"  # make's $(shell) turns newlines into spaces; the Makefile splits on this
+LINE_BREAK = ";;"
+_NAME = re.compile(r"[A-Za-z0-9_.\-]*")  # Keras layer names; empty = the backbone's output  # make's $(shell) turns newlines into spaces; the Makefile splits on this
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class Variables:
     blocks: str = "1"
     augment: str = "flip"
     ft_head: str = config.DEFAULT_HEAD
+    layer: str = ""  # pool this layer of each of BACKBONES instead of its output
     finetune: bool = False  # HEAD=finetune or `make finetune`: BACKBONE's arrays are needed
     hyperparameters: dict[str, str] = field(default_factory=dict)  # FT_* set on the command line
 
@@ -70,14 +73,21 @@ def _check(v: Variables) -> None:
             f"DATA_DIR={v.data_dir!r}: make cannot handle spaces in paths; link the folder to "
             "a path without them"
         )
+    if v.layer and (v.head == "finetune" or v.finetune):
+        raise ValueError(
+            f"LAYER={v.layer} applies to the features of BACKBONES, not to fine-tuning, which "
+            "cuts the backbone at its blocks (BLOCKS). Leave LAYER empty with HEAD=finetune."
+        )
+    if not _NAME.fullmatch(v.layer):
+        raise ValueError(f"LAYER must be a Keras layer name. Received: {v.layer!r}")
 
 
 def plan(v: Variables) -> list[str]:
     """Make syntax: variables for the Makefile's rules and one rule per feature file."""
     _check(v)
     names = backbones.expand_names(v.backbones)
-    sizes = {name: backbones.get_backbone(name).input_size for name in names}
-    ft_size = backbones.get_backbone(v.backbone).input_size
+    sizes = {name: backbones.input_size(name) for name in names}
+    ft_size = backbones.input_size(v.backbone)
     if v.finetune:
         sizes.setdefault(v.backbone, ft_size)
     settings = {
@@ -89,8 +99,8 @@ def plan(v: Variables) -> list[str]:
     }
     feature_kw = {"weights": v.weights, "precision": v.precision, "tta": v.tta}
 
-    def feature_file(name: str) -> str:
-        return _relative(config.feature_path(v.data_dir, name, **feature_kw))
+    def feature_file(name: str, layer: str = "") -> str:
+        return _relative(config.feature_path(v.data_dir, name, layer=layer, **feature_kw))
 
     def arrays(name: str) -> str:
         size = sizes.get(name, ft_size)
@@ -103,12 +113,13 @@ def plan(v: Variables) -> list[str]:
     if v.head == "finetune":
         run, head_features = ft_run, [feature_file(v.backbone)]
     else:
-        run = config.head_run_name(names, v.head, **settings)
-        head_features = [feature_file(name) for name in names]
+        run = config.head_run_name(names, v.head, layer=v.layer, **settings)
+        head_features = [feature_file(name, v.layer) for name in names]
     lines = [
         f"DS := {config.dataset_key(v.data_dir)}",
         f"SIZES := {' '.join(str(s) for s in sorted(set(sizes.values())))}",
         f"ARRAY_DIRS := {' '.join(sorted({arrays(name) for name in sizes}))}",
+        f"BACKBONE_NAMES := {' '.join(names)}",
         f"FEATURE_FILES := {' '.join(head_features)}",
         f"RUN_DIR := {_relative(models / run)}",
         f"SUBMISSION_FILE := {_relative(config.submission_path(v.data_dir, run, v.clip))}",
@@ -120,8 +131,10 @@ def plan(v: Variables) -> list[str]:
         f"TRAIN_VERSION := {_relative(config.method_version_file('train'))}",
         f"FINETUNE_VERSION := {_relative(config.method_version_file('finetune'))}",
     ]
-    for name in dict.fromkeys([*names, v.backbone]):
-        lines += _feature_rule(feature_file(name), name, arrays(name))
+    rules = {feature_file(name, v.layer): (name, v.layer) for name in names}
+    rules.setdefault(feature_file(v.backbone), (v.backbone, ""))  # fine-tuning's head reads it
+    for path, (name, layer) in rules.items():
+        lines += _feature_rule(path, name, arrays(name), layer)
     return lines
 
 
@@ -129,7 +142,7 @@ def _flag(keyword: str, value: str) -> str:
     return "--" + keyword.replace("_", "-") + " " + value
 
 
-def _feature_rule(path: str, backbone: str, arrays: str) -> list[str]:
+def _feature_rule(path: str, backbone: str, arrays: str, layer: str) -> list[str]:
     """A feature file's prerequisite (its arrays) and what its recipe needs to know."""
     tta = "flip" if path.endswith(".flip.h5") else "none"
     return [
@@ -137,6 +150,7 @@ def _feature_rule(path: str, backbone: str, arrays: str) -> list[str]:
         f"{path}: EXTRACT_BACKBONE := {backbone}",
         f"{path}: EXTRACT_TTA := {tta}",
         f"{path}: EXTRACT_ARRAYS := {arrays}",
+        f"{path}: EXTRACT_LAYER := {layer}",
     ]
 
 
