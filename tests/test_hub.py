@@ -15,14 +15,13 @@ from conftest import REPO
 from dogscats import backbones, config, features
 from dogscats.backbones import hub
 
-keras_hub = pytest.importorskip("keras_hub")
-
 SIZE = 28  # 7 x 7 patches of 4 pixels
 SCALE = [1 / (255 * s) for s in (0.229, 0.224, 0.225)]
 OFFSET = [-m / s for m, s in zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
 
 
 def tiny_dinov2():
+    keras_hub = pytest.importorskip("keras_hub")  # the [hub] extra, which [dev] includes
     return keras_hub.models.DINOV2Backbone(
         patch_size=4,
         num_layers=2,
@@ -40,7 +39,7 @@ def preset(tmp_path_factory):
     folder = tmp_path_factory.mktemp("hub") / "tiny_dinov2"
     backbone = tiny_dinov2()
     backbone.save_to_preset(str(folder))
-    converter = keras_hub.layers.DINOV2ImageConverter(
+    converter = pytest.importorskip("keras_hub").layers.DINOV2ImageConverter(
         image_size=(SIZE, SIZE), scale=SCALE, offset=OFFSET
     )
     converter.save_to_preset(str(folder))

@@ -133,9 +133,7 @@ def settings_suffix(
     return suffix + (f"__seed{seed}" if int(seed) != SEED else "")
 
 
-def head_run_name(
-    backbones: list[str], head: str, layer: str | None = None, **settings
-) -> str:
+def head_run_name(backbones: list[str], head: str, layer: str | None = None, **settings) -> str:
     """e.g. `efficientnet_lite0+efficientnet_lite1__logreg__flip`, `vgg16@block4_pool__logreg`."""
     stems = "+".join(layer_stem(name, layer) for name in backbones)
     return f"{stems}__{head}{settings_suffix(**settings)}"
@@ -161,7 +159,8 @@ def finetune_run_name(
     away from its default is in the name, so runs with other values sit side by side."""
     given = hyperparameters or {}
     parts = "".join(f"__{part}{given[key]}" for key, part in FINETUNE_NAME_PARTS if key in given)
-    return f"{backbone_stem(backbone)}__finetune{blocks}__aug{augment}{parts}{settings_suffix(**settings)}"
+    stem = backbone_stem(backbone)
+    return f"{stem}__finetune{blocks}__aug{augment}{parts}{settings_suffix(**settings)}"
 
 
 def submission_path(data_dir: str | os.PathLike, run: str, clip: str = "auto") -> Path:

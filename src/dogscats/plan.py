@@ -14,8 +14,8 @@ from pathlib import Path
 
 from dogscats import backbones, config
 
-LINE_BREAK = ";;"
-_NAME = re.compile(r"[A-Za-z0-9_.\-]*")  # Keras layer names; empty = the backbone's output  # make's $(shell) turns newlines into spaces; the Makefile splits on this
+LINE_BREAK = ";;"  # make's $(shell) turns newlines into spaces; the Makefile splits on this
+_LAYER_NAME = re.compile(r"[A-Za-z0-9_.\-]*")  # a Keras layer name; empty = the output
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def _check(v: Variables) -> None:
             f"LAYER={v.layer} applies to the features of BACKBONES, not to fine-tuning, which "
             "cuts the backbone at its blocks (BLOCKS). Leave LAYER empty with HEAD=finetune."
         )
-    if not _NAME.fullmatch(v.layer):
+    if not _LAYER_NAME.fullmatch(v.layer):
         raise ValueError(f"LAYER must be a Keras layer name. Received: {v.layer!r}")
 
 
