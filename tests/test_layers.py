@@ -97,3 +97,19 @@ def test_make_checks_the_layer_before_decoding_and_passes_it_to_extraction(kaggl
     check = commands.index("layers --check 'block4_pool' vgg16")
     assert check < commands.index("cli preprocess") < commands.index("--layer block4_pool")
     assert "vgg16@block4_pool.h5" in commands
+
+
+def test_an_automatically_named_layer_from_the_list_is_found_when_extracting():
+    """MobileNetV3's layers are named by Keras's counter (`activation_11`): the listed name
+    must reach the same layer although other models were built in between."""
+    import re
+
+    spec = get_backbone("mobilenet_v3_small")
+    ends = layers.block_ends(layers.symbolic_backbone(spec.name), spec)
+    auto = [name for name in ends if re.fullmatch(r"[a-z_]+_\d+", name)]
+    assert len(auto) >= 3
+    name = auto[1]
+    build_backbone(NAME, weights="random")  # moves Keras's counters on
+    model = features.build_model(spec, "random", None, "float32", name)
+    assert model.output_shape == (None, ends[name][-1])
+    assert model.get_layer(name).output.shape == ends[name]

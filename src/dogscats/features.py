@@ -148,13 +148,15 @@ def build_model(
     output pooled (or `layer`'s output pooled, when given) to (batch, dim)."""
     import keras
 
+    if layer:
+        backbone_layers.layer_dim(spec.name, layer)  # checked on the graph before any weights
+        backbone_layers.fresh_names()  # unnamed layers numbered as `make layers` lists them
     keras.mixed_precision.set_global_policy(
         "mixed_bfloat16" if precision == "bfloat16" else "float32"
     )
     try:
         if not layer:
             return build_backbone(spec.name, weights=weights, weights_dir=weights_dir)
-        backbone_layers.layer_dim(spec.name, layer)  # checked on the graph before any weights
         whole = build_backbone(spec.name, weights=weights, weights_dir=weights_dir, pooling=None)
         return backbone_layers.pooled_at(whole, layer)
     finally:

@@ -53,6 +53,12 @@ def poolable_layers(model) -> dict[str, tuple]:
     return shapes
 
 
+def _geometry_layers() -> tuple[type, ...]:
+    import keras
+
+    return (keras.layers.ZeroPadding2D, keras.layers.Cropping2D)
+
+
 def block_ends(model, spec: BackboneSpec) -> dict[str, tuple]:
     """The layers worth pooling: the entry's fine-tune block ends where it names them; else the
     last layer at each spatial size below the input's (stage ends of a convolutional net), or
@@ -61,11 +67,14 @@ def block_ends(model, spec: BackboneSpec) -> dict[str, tuple]:
     if spec.blocks:
         names = [name for name in spec.blocks if name in shapes]
     else:
+        input_size = tuple(model.inputs[0].shape[1:3])
         last_at_size: dict[tuple, str] = {}
         for name, shape in shapes.items():
-            if len(shape) == 4 and shape[1:3] == tuple(model.inputs[0].shape[1:3]):
-                continue  # input-sized layers: the model's own rescaling, not a block
-            last_at_size[shape[1:-1] if len(shape) == 4 else ("any",)] = name
+            if len(shape) < 4 or shape[1:3] in (input_size, (1, 1)):
+                continue  # the model's own rescaling, squeeze-excitation, pooled vectors
+            if isinstance(model.get_layer(name), _geometry_layers()):
+                continue  # padding and cropping only prepare the next convolution
+            last_at_size[shape[1:3]] = name
         names = sorted(last_at_size.values(), key=list(shapes).index)
         if all(len(shape) < 4 for shape in shapes.values()):
             names = list(shapes)
@@ -110,7 +119,17 @@ def symbolic_backbone(name: str):
             "`make layers` do not apply to it."
         )
     size = spec.input_size
+    fresh_names()
     with keras.StatelessScope(initialize_variables=False):
         return spec.build_fn()(
             include_top=False, weights=None, input_shape=(size, size, 3), pooling=None
         )
+
+
+def fresh_names() -> None:
+    """Restart Keras's automatic layer names (`activation_17`): the model `make layers` lists
+    and the one extraction builds then number their unnamed layers alike, so such a name
+    chosen from the list is found. Clears Keras's global state; call before building."""
+    import keras
+
+    keras.backend.clear_session()
