@@ -155,3 +155,29 @@ def test_make_plans_a_preset_folder_with_the_standard_library(preset):
     assert f"/arrays/{SIZE}/manifest.json" in result.stdout
     assert f"EXTRACT_BACKBONE := hub:{folder}" in result.stdout
     assert json.loads((folder / "image_converter.json").read_text())["config"]["image_size"]
+
+
+def test_extract_writes_the_presets_pooled_features(preset, kaggle_dataset, tmp_path):
+    """Through the feature stage: arrays at the converter's size, the converter's scaling,
+    the backbone's tokens averaged."""
+    from dogscats import arrays
+
+    folder, saved = preset
+    name = f"hub:{folder}"
+    arrays_dir = tmp_path / "arrays"
+    arrays.preprocess(kaggle_dataset, SIZE, out_dir=arrays_dir, workers=1, progress=False)
+    out = features.extract(
+        kaggle_dataset,
+        name,
+        arrays_dir=arrays_dir,
+        out=tmp_path / "f.h5",
+        batch_size=4,
+        progress=False,
+    )
+    train = features.load_features(out, "train")
+    assert train["features"].shape == (16, 16) and train["attrs"]["backbone"] == name
+    assert train["attrs"]["weights_source"] == "keras_hub"
+    images, _ = arrays.load_split(arrays_dir, "train")
+    x = hub.rescale(images.astype("float32"), SCALE, OFFSET)
+    expected = np.asarray(saved({"images": x}, training=False)).mean(axis=1)
+    assert np.allclose(train["features"], expected, atol=1e-4)
