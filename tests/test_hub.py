@@ -118,6 +118,12 @@ def test_bad_folders_stop_with_one_line(tmp_path):
         backbones.check_name("hub:")
 
 
+def test_a_mistyped_preset_name_suggests_keras_hubs_own_names():
+    pytest.importorskip("keras_hub")
+    with pytest.raises(ValueError, match="no preset of that name. Did you mean: dinov2_base"):
+        backbones.input_size("hub:dinov2_bas")  # offline: the name is checked before any fetch
+
+
 def test_without_keras_hub_a_clear_line_says_how_to_install(monkeypatch):
     real_import = builtins.__import__
 

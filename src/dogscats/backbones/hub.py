@@ -17,6 +17,7 @@ preset's small config files once into its cache).
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import os
@@ -79,7 +80,7 @@ def _read_json(preset: str, name: str) -> dict | None:
     if folder is not None:
         path = folder / name
     else:
-        keras_hub()
+        _check_known(preset)
         from keras_hub.src.utils import preset_utils
 
         try:
@@ -94,6 +95,20 @@ def _read_json(preset: str, name: str) -> dict | None:
                 "converter's too) and use hub:<that folder>."
             ) from None
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _check_known(preset: str) -> None:
+    """A name that is not one of KerasHub's presets stops here, with the closest names."""
+    known = keras_hub().models.Backbone.presets
+    if "://" in preset or preset in known:
+        return
+    close = difflib.get_close_matches(preset, list(known), n=3, cutoff=0.6)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise ValueError(
+        f"hub:{preset}: KerasHub {keras_hub().__version__} has no preset of that name.{hint} "
+        "Give a name from keras_hub.models.Backbone.presets, a kaggle:// or hf:// handle, or "
+        f"a preset folder. Received: {preset!r}"
+    )
 
 
 @functools.cache
@@ -116,7 +131,8 @@ def image_settings(preset: str) -> tuple[int, Any, Any]:
                 "'<the original preset>').save_to_preset(folder)."
             )
         settings = converter["config"]
-        size, scale, offset = settings.get("image_size"), settings["scale"], settings["offset"]
+        size = settings.get("image_size")
+        scale, offset = settings.get("scale"), settings.get("offset")
         if size is None:  # a converter that does not resize: the backbone's fixed shape
             size = (config["config"].get("image_shape") or (None,))[:2]
     if not size or size[0] is None or len(set(size)) != 1:
