@@ -21,6 +21,7 @@ BATCH_SIZE ?= 32
 DEVICES ?= auto
 CLIP ?= auto
 WORKERS ?=
+LAYER ?=
 BACKBONE ?= efficientnet_lite0
 BLOCKS ?= 1
 AUGMENT ?= flip
@@ -51,18 +52,21 @@ endef
 PLAN_ARGS := --data-dir '$(DATA_DIR)' --backbones '$(BACKBONES)' --head '$(HEAD)' --tta '$(TTA)' \
 	--weights '$(WEIGHTS)' --precision '$(PRECISION)' --devices '$(DEVICES)' --folds '$(FOLDS)' --seed '$(SEED)' \
 	--clip '$(CLIP)' --backbone '$(BACKBONE)' --blocks '$(BLOCKS)' --augment '$(AUGMENT)' \
-	--ft-head '$(FT_HEAD)' --ft-epochs '$(FT_EPOCHS)' --ft-learning-rate '$(FT_LR)' \
+	--ft-head '$(FT_HEAD)' --layer '$(LAYER)' --ft-epochs '$(FT_EPOCHS)' --ft-learning-rate '$(FT_LR)' \
 	--ft-batch-size '$(FT_BATCH)' --ft-patience '$(FT_PATIENCE)' --ft-dropout '$(FT_DROPOUT)' \
 	--norm '$(NORM)' --exclude '$(EXCLUDE)' --runs '$(RUNS)' \
 	--batch-size '$(BATCH_SIZE)' --workers '$(WORKERS)' \
 	$(if $(filter finetune,$(HEAD) $(MAKECMDGOALS)),--finetune)
-PLAN := $(shell PYTHONPATH=src $(PYTHON) -m dogscats.cli plan $(PLAN_ARGS))
+# The venv's Python once it exists: a named KerasHub preset (BACKBONES=hub:...) is sized by
+# KerasHub, installed there; every other plan needs only the standard library.
+PLAN_PYTHON := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+PLAN := $(shell PYTHONPATH=src $(PLAN_PYTHON) -m dogscats.cli plan $(PLAN_ARGS))
 $(eval $(subst ;;,$(newline),$(PLAN)))
 SUBMISSION ?= $(SUBMISSION_FILE)
 LABELS ?= $(DATA_DIR)/test_labels.csv
 
-.PHONY: help setup data preprocess features train finetune submission blend score backbones bench \
-	test lint clean report \
+.PHONY: help setup data preprocess features train finetune submission blend score backbones layers \
+	bench test lint clean report \
 	check-plan
 
 help: ## list targets and variables
@@ -82,6 +86,9 @@ check-plan:
 
 backbones: | $(SETUP) ## list the backbone registry
 	@$(CLI) backbones
+
+layers: | $(SETUP) ## the layers of BACKBONE that LAYER= can pool (block ends, output shapes)
+	@$(CLI) layers '$(BACKBONE)'
 
 data: | $(SETUP) ## check DATA_DIR; unzip or download the competition (Kaggle CLI) if missing
 	$(CLI) data --data-dir '$(DATA_DIR)'
@@ -113,6 +120,7 @@ $(SOURCES_STAMP): FORCE
 
 $(addsuffix /manifest.json,$(ARRAY_DIRS)): %/manifest.json: $(SOURCES_STAMP) | $(SETUP)
 	$(CLI) data --data-dir '$(DATA_DIR)'
+	$(if $(LAYER),$(CLI) layers --check '$(LAYER)' $(BACKBONE_NAMES))
 	@$(SCAN_SOURCES)
 	$(CLI) preprocess --data-dir '$(DATA_DIR)' --size $(notdir $*) --out $* $(if $(WORKERS),--workers $(WORKERS))
 
@@ -120,7 +128,7 @@ $(addsuffix /manifest.json,$(ARRAY_DIRS)): %/manifest.json: $(SOURCES_STAMP) | $
 $(sort $(FEATURE_FILES) $(FT_HEAD_FEATURES)): | $(SETUP)
 	$(CLI) features --data-dir '$(DATA_DIR)' --backbone $(EXTRACT_BACKBONE) --weights $(WEIGHTS) \
 		--tta $(EXTRACT_TTA) --precision $(PRECISION) --batch-size $(BATCH_SIZE) \
-		--devices '$(DEVICES)' --arrays $(EXTRACT_ARRAYS) --out $@
+		--devices '$(DEVICES)' --arrays $(EXTRACT_ARRAYS) --out $@ $(if $(EXTRACT_LAYER),--layer $(EXTRACT_LAYER))
 
 # $(call train_head,feature files,run folder,head,normalisation[,exclude list])
 train_head = $(CLI) train --features $(1) --out $(2) --head $(3) --tta $(TTA) --folds $(FOLDS) --seed $(SEED) \

@@ -110,6 +110,32 @@ def backbones_cmd(args):
         print(f"{name:22} {spec.input_size:>4} {spec.feature_dim:>5}  {spec.weights_source}")
 
 
+def _layers_args(p):
+    p.add_argument("names", nargs="+", help="backbone names (registry or hub:/savedmodel:)")
+    p.add_argument("--check", metavar="LAYER", help="only check that each backbone has LAYER")
+    p.add_argument("--all", action="store_true", help="every poolable layer, not the block ends")
+
+
+@command("layers", "the layers of a backbone that LAYER= can pool, with output shapes")(
+    _layers_args
+)
+def layers_cmd(args):
+    from dogscats.backbones import get_backbone, layers
+
+    for name in args.names:
+        if args.check:
+            layers.layer_dim(name, args.check)
+            continue
+        model = layers.symbolic_backbone(name)
+        if args.all:
+            shown, what = layers.poolable_layers(model), "every poolable layer"
+        else:
+            shown, what = layers.block_ends(model, get_backbone(name)), "block ends"
+        print(f"{name}: {what} (LAYER=<layer>; `--all` lists every one)")
+        for layer, shape in shown.items():
+            print(f"  {layer:40} {str(shape):24} -> {shape[-1]} features")
+
+
 def _data_args(p):
     _data_dir(p)
 
@@ -145,6 +171,7 @@ def _features_args(p):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--devices", default="auto", help=config.DEVICES_HELP)
     p.add_argument("--out", help="feature file; default features/<dataset>/<backbone>.h5")
+    p.add_argument("--layer", default="", help="pool this layer instead of the output")
 
 
 @command("features", "GAP features of one backbone into an .h5 file")(_features_args)
@@ -162,6 +189,7 @@ def features_cmd(args):
         arrays_dir=args.arrays,
         out=args.out,
         devices=args.devices,
+        layer=args.layer or None,
     )
 
 

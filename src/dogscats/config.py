@@ -119,6 +119,26 @@ def most_wrong_path(report: str | os.PathLike) -> Path:
 # Names: feature files, runs, submissions
 
 
+def backbone_stem(backbone: str) -> str:
+    """A backbone name as it appears in file and run names. Registered names stay as they are;
+    a source name (`hub:<preset>`, `savedmodel:<dir>:<size>`) becomes `hub-dinov2_base`, or for
+    a folder its last part and a hash of the absolute name, so two folders never share a file.
+    """
+    prefix, colon, rest = backbone.partition(":")
+    if not colon:
+        return backbone
+    if re.fullmatch(r"[A-Za-z0-9_.-]+", rest) and not os.path.isdir(rest):
+        return f"{prefix}-{rest}"
+    where = rest if "://" in rest else os.path.abspath(os.path.expanduser(rest))
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "_", rest.rstrip("/").rsplit("/", 1)[-1]).strip("_")
+    return f"{prefix}-{base}-{hashlib.sha1(where.encode()).hexdigest()[:8]}"
+
+
+def layer_stem(backbone: str, layer: str | None = None) -> str:
+    """`vgg16@block4_pool` when features come from an inner layer, else the backbone's stem."""
+    return backbone_stem(backbone) + (f"@{layer}" if layer else "")
+
+
 def feature_tag(weights: str = "imagenet", precision: str = "float32", tta: str = "none") -> str:
     """Suffix naming the settings that change a backbone's features, e.g. `.bf16.flip`."""
     tag = ".random" if weights == "random" else ""
@@ -133,15 +153,18 @@ def feature_path(
     precision: str = "float32",
     tta: str = "none",
     features_root: Path = FEATURES_DIR,
+    layer: str | None = None,
 ) -> Path:
-    """The feature file of one backbone. A file with mirrored features also holds the plain
-    ones, so for tta="none" an existing `.flip` file is the answer (never extracted twice)."""
+    """The feature file of one backbone (`<backbone>[@<layer>]<tag>.h5`). A file with mirrored
+    features also holds the plain ones, so for tta="none" an existing `.flip` file is the answer
+    (never extracted twice)."""
     folder = dataset_dir(data_dir, features_root)
+    stem = layer_stem(backbone, layer)
     if tta == "none":
-        flipped = folder / f"{backbone}{feature_tag(weights, precision, 'flip')}.h5"
+        flipped = folder / f"{stem}{feature_tag(weights, precision, 'flip')}.h5"
         if flipped.is_file():
             return flipped
-    return folder / f"{backbone}{feature_tag(weights, precision, tta)}.h5"
+    return folder / f"{stem}{feature_tag(weights, precision, tta)}.h5"
 
 
 def settings_suffix(
@@ -163,14 +186,20 @@ def feature_backbone(feature_file: str | os.PathLike) -> str:
 
 
 def head_run_name(
-    backbones: list[str], head: str, exclude: str = "", normalise: str = "standard", **settings
+    backbones: list[str],
+    head: str,
+    exclude: str = "",
+    normalise: str = "standard",
+    layer: str | None = None,
+    **settings,
 ) -> str:
-    """e.g. `efficientnet_lite0+efficientnet_lite1__logreg__flip`; a normalisation other than
-    "standard" adds its name (`__ssr_l2`), an EXCLUDE list its file's stem
-    (`__excl-mislabelled-train`)."""
+    """e.g. `efficientnet_lite0+efficientnet_lite1__logreg__flip`, `vgg16@block4_pool__logreg`;
+    a normalisation other than "standard" adds its name (`__ssr_l2`), an EXCLUDE list its
+    file's stem (`__excl-mislabelled-train`)."""
+    stems = "+".join(layer_stem(name, layer) for name in backbones)
     norm = "" if normalise == "standard" else f"__{normalise}"
     suffix = f"{settings_suffix(**settings)}{norm}{exclude_suffix(exclude)}"
-    return f"{'+'.join(backbones)}__{head}{suffix}"
+    return f"{stems}__{head}{suffix}"
 
 
 def exclude_suffix(exclude: str | os.PathLike = "") -> str:
@@ -232,7 +261,8 @@ def finetune_run_name(
     away from its default is in the name, so runs with other values sit side by side."""
     given = hyperparameters or {}
     parts = "".join(f"__{part}{given[key]}" for key, part in FINETUNE_NAME_PARTS if key in given)
-    return f"{backbone}__finetune{blocks}__aug{augment}{parts}{settings_suffix(**settings)}"
+    stem = backbone_stem(backbone)
+    return f"{stem}__finetune{blocks}__aug{augment}{parts}{settings_suffix(**settings)}"
 
 
 CLIP_PART = "__clip"

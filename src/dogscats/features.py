@@ -4,7 +4,8 @@ File layout (one per backbone and settings):
     train/features, train/features_flip (TTA=flip), train/ids, train/labels, train/zeroshot...
     test/...    the same without labels
     attrs: backbone, input_size, feature_dim, weights, weights_source, preprocess, precision,
-           tta, fingerprint (of the image arrays), keras_version, keras_backend and its version.
+           tta, fingerprint (of the image arrays), keras_version, keras_backend and its version;
+           and layer, when the features pool an inner layer (LAYER) rather than the output.
 The file is filled under a `.partial` name, batch by batch, and renamed when complete: an
 interrupted run leaves no final file, and a re-run continues from the last batch written.
 """
@@ -25,6 +26,7 @@ import numpy as np
 
 from dogscats import arrays, config, store
 from dogscats.backbones import BackboneSpec, build_backbone, get_backbone, resolve_keras_weights
+from dogscats.backbones import layers as backbone_layers
 from dogscats.forward import make_forward, place, run_forward
 from dogscats.store import SPLITS
 
@@ -35,13 +37,21 @@ VERIFY_BLOCK_ROWS = 4096  # rows read at a time when a written file is checked
 
 
 def expected_attrs(
-    spec: BackboneSpec, weights: str, precision: str, tta: str, fingerprint: str
+    spec: BackboneSpec,
+    weights: str,
+    precision: str,
+    tta: str,
+    fingerprint: str,
+    layer: str | None = None,
 ) -> dict[str, object]:
-    """The attributes that identify a feature file; a file whose attrs differ is not reused."""
+    """The attributes that identify a feature file; a file whose attrs differ is not reused.
+    `layer` (and its dim) only when set, so files of the backbone's output keep their attrs."""
+    layered = {"layer": layer} if layer else {}
     return {
         "backbone": spec.name,
         "input_size": spec.input_size,
-        "feature_dim": spec.feature_dim,
+        "feature_dim": backbone_layers.layer_dim(spec.name, layer) if layer else spec.feature_dim,
+        **layered,
         "weights": weights,
         "weights_source": "random" if weights == "random" else spec.weights_source,
         "preprocess": spec.preprocess,
@@ -84,18 +94,24 @@ def extract(
     out: str | os.PathLike | None = None,
     progress: bool = True,
     devices: str = "auto",
+    layer: str | None = None,
 ) -> Path:
-    """Write (or find up to date) the feature file of one backbone; return its path."""
+    """Write (or find up to date) the feature file of one backbone; return its path.
+    `layer`: pool that layer's output instead of the backbone's last (checked first)."""
     spec = get_backbone(backbone)
     _check_choice("TTA", tta, ("none", "flip"))
     _check_choice("PRECISION", precision, ("float32", "bfloat16"))
+    if layer:
+        backbone_layers.layer_dim(spec.name, layer)  # a wrong name stops here, in seconds
     arrays_dir = Path(arrays_dir or config.arrays_dir(data_dir, spec.input_size))
     out = Path(
         out
-        or config.feature_path(data_dir, backbone, weights=weights, precision=precision, tta=tta)
+        or config.feature_path(
+            data_dir, backbone, weights=weights, precision=precision, tta=tta, layer=layer
+        )
     )
     manifest = arrays.read_manifest(arrays_dir)
-    wanted = expected_attrs(spec, weights, precision, tta, manifest["fingerprint"])
+    wanted = expected_attrs(spec, weights, precision, tta, manifest["fingerprint"], layer)
     if is_up_to_date(out, wanted):
         print(f"{out} is up to date.")
         return out
@@ -105,7 +121,7 @@ def extract(
             "and dry runs only, not for a real submission. ***",
             flush=True,
         )
-    elif weights == "imagenet" and not spec.offline:
+    elif weights == "imagenet" and spec.weights_source == "keras":
         resolve_keras_weights(spec, weights_dir)  # fail now, before any long work
     partial = store.partial_path(out)
     needed = _bytes_needed(manifest["counts"], spec.feature_dim, tta)
@@ -114,14 +130,15 @@ def extract(
     batch_size = where.batch_size(batch_size)
     print(f"Forward pass: {where.describe()}, batch {batch_size}", flush=True)
     with where.scope():
-        model = build_model(spec, weights, weights_dir, precision)
+        model = build_model(spec, weights, weights_dir, precision, layer)
     forward = make_forward(model, spec, batch_size, flip=(tta == "flip"), where=where)
     with _write_errors(partial, needed):
         with h5py.File(_open_partial(partial, wanted), "a") as handle:
             for split in SPLITS:
                 images, index = arrays.load_split(arrays_dir, split)
                 _extract_split(handle, split, images, index, forward, batch_size, tta, progress)
-            _add_zeroshot(handle, spec, weights, tta)
+            if not layer:  # the ImageNet classifier reads the last layer's features only
+                _add_zeroshot(handle, spec, weights, tta)
     store.commit(partial, out, lambda path: verify_feature_file(path, wanted, manifest["counts"]))
     print(f"Wrote {out}", flush=True)
     return out
@@ -240,15 +257,28 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(choices)}. Received: {value!r}")
 
 
-def build_model(spec: BackboneSpec, weights: str, weights_dir: str | None, precision: str):
-    """The backbone as `extract` builds it: the given weights, computed in `precision`."""
+def build_model(
+    spec: BackboneSpec,
+    weights: str,
+    weights_dir: str | None,
+    precision: str,
+    layer: str | None = None,
+):
+    """The backbone as `extract` builds it: the given weights, computed in `precision`, its
+    output pooled (or `layer`'s output pooled, when given) to (batch, dim)."""
     import keras
 
+    if layer:
+        backbone_layers.layer_dim(spec.name, layer)  # checked on the graph before any weights
+        backbone_layers.fresh_names()  # unnamed layers numbered as `make layers` lists them
     keras.mixed_precision.set_global_policy(
         "mixed_bfloat16" if precision == "bfloat16" else "float32"
     )
     try:
-        return build_backbone(spec.name, weights=weights, weights_dir=weights_dir)
+        if not layer:
+            return build_backbone(spec.name, weights=weights, weights_dir=weights_dir)
+        whole = build_backbone(spec.name, weights=weights, weights_dir=weights_dir, pooling=None)
+        return backbone_layers.pooled_at(whole, layer)
     finally:
         keras.mixed_precision.set_global_policy("float32")
 

