@@ -41,22 +41,25 @@ class Batches(keras.utils.PyDataset):
     """Batches over the memory maps for Keras on any backend: shuffled single views for
     training (a new order and new views each epoch), both views otherwise.
 
-    Each epoch's order and views are drawn at its start, so a batch depends only on the epoch
-    and its index: Keras may read a batch more than once (on TensorFlow it reads the first
-    two to learn their shapes) without changing what training sees.
+    Epoch e's order and views are drawn from a generator seeded by (seed, e) alone, when the
+    epoch starts (`set_epoch`, from the EpochDraws callback): a batch depends only on the seed,
+    the epoch and its index. Keras may read a batch more than once (on TensorFlow it reads the
+    first two to learn their shapes), and a fold resumed mid-fit sees the batches an
+    uninterrupted one would.
     """
 
-    def __init__(self, source, split, rows, labels, batch_size: int, training: bool, rng):
+    def __init__(self, source, split, rows, labels, batch_size: int, training: bool, seed: int):
         super().__init__(workers=1, use_multiprocessing=False)
         self.source, self.split, self.rows, self.labels = source, split, rows, labels
-        self.batch_size, self.training, self.rng = batch_size, training, rng
+        self.batch_size, self.training, self.seed = batch_size, training, seed
         self.order, self.pick = rows, None
-        self._draw()
+        self.set_epoch(0)
 
-    def _draw(self) -> None:
+    def set_epoch(self, epoch: int) -> None:
         if self.training:
-            self.order = self.rng.permutation(self.rows)
-            self.pick = self.rng.integers(0, 2, len(self.rows))
+            rng = np.random.default_rng([self.seed, epoch])
+            self.order = rng.permutation(self.rows)
+            self.pick = rng.integers(0, 2, len(self.rows))
 
     def __len__(self) -> int:
         return math.ceil(len(self.rows) / self.batch_size)
@@ -69,8 +72,24 @@ class Batches(keras.utils.PyDataset):
         x = self.source.views(self.split, rows, both=not self.training, pick=pick)
         return (x,) if self.labels is None else (x, self.labels[rows, None].astype(np.float32))
 
-    def on_epoch_end(self) -> None:
-        self._draw()
+
+class EpochDraws(keras.callbacks.Callback):
+    """Makes every random draw of an epoch a function of (seed, epoch): the batches' order and
+    views, and the model's own random layers (dropout, augmentation), whose seed generators
+    are set at the start of each epoch. BackupAndRestore saves weights and optimizer but not
+    those generators, so without this a fold resumed mid-fit would train on other dropout
+    masks than an uninterrupted one. Keras numbers epochs from the start of the whole fit,
+    also when it resumes."""
+
+    def __init__(self, batches: Batches):
+        super().__init__()
+        self.batches = batches
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.batches.set_epoch(epoch)
+        for variable in self.model.non_trainable_variables:
+            if variable.path.endswith("seed_generator_state"):  # keras.random.SeedGenerator
+                variable.assign(np.array([self.batches.seed, epoch], variable.dtype))
 
 
 def make_dataset(
@@ -80,7 +99,7 @@ def make_dataset(
     labels: np.ndarray | None,
     batch_size: int,
     training: bool,
-    rng: np.random.Generator,
+    seed: int = 0,
 ) -> Batches:
-    """What `fit`, `evaluate` and `predict` read: see Batches."""
-    return Batches(source, split, rows, labels, batch_size, training, rng)
+    """What `fit`, `evaluate` and `predict` read: see Batches (`seed` matters in training)."""
+    return Batches(source, split, rows, labels, batch_size, training, seed)

@@ -28,7 +28,7 @@ from dogscats.features import FeatureSet
 from dogscats.finetune import callbacks
 from dogscats.finetune.head_run import HeadRun
 from dogscats.finetune.hparams import Hyperparameters, Log
-from dogscats.finetune.inputs import Source, make_dataset
+from dogscats.finetune.inputs import EpochDraws, Source, make_dataset
 from dogscats.finetune.model import FineTuneModel, compile_model
 
 
@@ -111,13 +111,12 @@ class Trainer:
         return result
 
     def _train(self, fold: int) -> FoldResult:
-        # The order of the seeding and of the rng's draws below fixes the predictions: keep it.
+        # The seeding fixes the predictions; the training batches draw from (seed, epoch).
         began = time.monotonic()
         work_dir = fold_dir(self.work, fold)
         resumed = work_dir.exists()
         work_dir.mkdir(exist_ok=True)
         keras.utils.set_random_seed(self.hp.seed + fold)
-        rng = np.random.default_rng(self.hp.seed + fold)
         fit_rows, stop_rows = self._stop_split(fold)
         val_rows = np.flatnonzero(self.head.folds == fold)
         head_loss = self._score(val_rows, self.head.oof[val_rows])
@@ -128,10 +127,10 @@ class Trainer:
         stop_head_loss = self._score(stop_rows, stop_pred)
         self.net.set_start(self.pretrained_top, *start_head.dense_weights())
         batch_size = self.hp.batch_size
-        val = make_dataset(self.source, "train", val_rows, self.y, batch_size, False, rng)
-        stop = make_dataset(self.source, "train", stop_rows, self.y, batch_size, False, rng)
+        val = make_dataset(self.source, "train", val_rows, self.y, batch_size, False)
+        stop = make_dataset(self.source, "train", stop_rows, self.y, batch_size, False)
         test_rows = np.arange(len(self.source.test))
-        test = make_dataset(self.source, "test", test_rows, None, batch_size, False, rng)
+        test = make_dataset(self.source, "test", test_rows, None, batch_size, False)
         stop_start_loss = self._score(stop_rows, self._predict(stop))
         steps = math.ceil(len(fit_rows) / batch_size)
         compile_model(self.net.model, self.hp.learning_rate, steps, self.hp.epochs)
@@ -142,7 +141,7 @@ class Trainer:
             f"{stop_start_loss:.5f})" + (" (resuming)" if resumed else "")
         )
         if not (work_dir / "fit_done").exists():
-            self._fit(fold, work_dir, fit_rows, stop, stop_head_loss, rng)
+            self._fit(fold, work_dir, fit_rows, stop, stop_head_loss)
         history = callbacks.read_history(work_dir)
         best = callbacks.best_weights_path(work_dir)
         # Saved only for an epoch that beat the head on the early-stopping rows (even across
@@ -180,21 +179,24 @@ class Trainer:
         rows = np.flatnonzero(self.head.folds != fold)
         return early_stopping_split(rows, self.y, self.hp.stop_fraction, self.hp.seed + fold)
 
-    def _fit(self, fold, work_dir, fit_rows, stop, stop_head_loss, rng) -> None:
+    def _fit(self, fold, work_dir, fit_rows, stop, stop_head_loss) -> None:
         history = callbacks.read_history(work_dir)
         best_so_far = float(history["val_loss"].min()) if len(history) else math.inf
         train_set = make_dataset(
-            self.source, "train", fit_rows, self.y, self.hp.batch_size, True, rng
+            self.source, "train", fit_rows, self.y, self.hp.batch_size, True, self.hp.seed + fold
         )
         log_dir = self.work / "logs" / f"fold_{fold}"
         fold_callbacks = callbacks.fold_callbacks(
             work_dir, log_dir, stop_head_loss, best_so_far, self.hp.patience
         )
+        # The model serves every fold: forget the epoch a resumed fold restarted from
+        # (BackupAndRestore sets it and nothing resets it), or the next fold would start there.
+        self.net.model._initial_epoch = None
         self.net.model.fit(
             train_set,
             validation_data=stop,
             epochs=self.hp.epochs,
-            callbacks=fold_callbacks,
+            callbacks=[EpochDraws(train_set), *fold_callbacks],
             shuffle=False,  # the dataset shuffles itself, once per epoch
             verbose=1 if self.progress else 0,
         )
