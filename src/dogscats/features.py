@@ -188,15 +188,18 @@ def _write_errors(partial: Path, needed: int) -> Iterator[None]:
     as failures too. An interruption (Ctrl-C) keeps the partial file: the next run resumes.
     """
     ignored: list[BaseException] = []
-    previous = sys.unraisablehook
+    previous = sys.unraisablehook, sys.excepthook
     sys.unraisablehook = lambda unraisable: ignored.append(unraisable.exc_value)
+    # h5py's Cython __dealloc__ also prints the traceback itself through sys.excepthook
+    # (PyErr_PrintEx) before the unraisable hook: recorded here too, so the user sees one line.
+    sys.excepthook = lambda kind, value, traceback: ignored.append(value)
     try:
         yield
         failure = ignored[0] if ignored else None
     except (OSError, RuntimeError) as error:
         failure = error
     finally:
-        sys.unraisablehook = previous
+        sys.unraisablehook, sys.excepthook = previous
     if failure is None:
         return
     store.remove(partial)

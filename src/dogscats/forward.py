@@ -371,18 +371,18 @@ def run_forward(
     The next batch is dispatched before the last one's outputs are fetched, so that the
     device never waits for the host to write.
     """
-    bar = tqdm(total=len(images), initial=start, desc=desc, unit="img", disable=not progress)
     in_flight = None
+    bar = tqdm(total=len(images), initial=start, desc=desc, unit="img", disable=not progress)
+    with bar:  # a bar stopped by an error ends its line, so the error's line starts afresh
 
-    def finish(first: int, rows: int, outputs: list[Any]) -> None:
-        write(first, [output[:rows] for output in forward.fetch(outputs)])
-        bar.update(rows)
+        def finish(first: int, rows: int, outputs: list[Any]) -> None:
+            write(first, [output[:rows] for output in forward.fetch(outputs)])
+            bar.update(rows)
 
-    for first, rows, batch in batch_stream(images, batch_size, start, put=forward.put):
-        outputs = forward(batch)
+        for first, rows, batch in batch_stream(images, batch_size, start, put=forward.put):
+            outputs = forward(batch)
+            if in_flight is not None:
+                finish(*in_flight)
+            in_flight = (first, rows, outputs)
         if in_flight is not None:
             finish(*in_flight)
-        in_flight = (first, rows, outputs)
-    if in_flight is not None:
-        finish(*in_flight)
-    bar.close()
