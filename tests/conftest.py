@@ -120,3 +120,26 @@ def register_tiny_backbone(size: int = 16) -> str:
         )
         backbones.register(spec)
     return name
+
+
+def plan_without_heavy_imports(args: list[str], heavy: set[str]) -> str:
+    """`dogscats.cli plan ARGS` in a fresh interpreter that must not import any of `heavy`
+    (make runs the plan before the venv exists, so it needs only the standard library);
+    returns its output."""
+    import subprocess
+    import sys
+
+    code = (
+        f"import sys; from dogscats import cli; cli.main(['plan', *{args!r}]); "
+        f"heavy = {sorted(heavy)!r}; loaded = set(heavy) & set(sys.modules); "
+        "assert not loaded, loaded"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout

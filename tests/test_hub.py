@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import builtins
 import json
-import subprocess
 import sys
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import plan_without_heavy_imports
 
 from dogscats import backbones, config, features
 from dogscats.backbones import hub
@@ -144,22 +143,10 @@ def test_without_keras_hub_a_clear_line_says_how_to_install(monkeypatch):
 def test_make_plans_a_preset_folder_with_the_standard_library(preset):
     """The size of a local Keras-format preset comes from its JSON: no Keras in the plan."""
     folder, _ = preset
-    code = (
-        "import sys; from dogscats import cli; "
-        f"cli.main(['plan', '--backbones', 'hub:{folder}', '--weights', 'random']); "
-        "heavy = {'numpy', 'tensorflow', 'keras', 'keras_hub'} & set(sys.modules);"
-        "assert not heavy, heavy"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"},
-    )
-    assert result.returncode == 0, result.stderr
-    assert f"/arrays/{SIZE}/manifest.json" in result.stdout
-    assert f"EXTRACT_BACKBONE := hub:{folder}" in result.stdout
+    args = ["--backbones", f"hub:{folder}", "--weights", "random"]
+    out = plan_without_heavy_imports(args, {"numpy", "tensorflow", "keras", "keras_hub"})
+    assert f"/arrays/{SIZE}/manifest.json" in out
+    assert f"EXTRACT_BACKBONE := hub:{folder}" in out
     assert json.loads((folder / "image_converter.json").read_text())["config"]["image_size"]
 
 

@@ -17,7 +17,6 @@ preset's small config files once into its cache).
 
 from __future__ import annotations
 
-import difflib
 import functools
 import json
 import os
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from dogscats.backbones.layers import pooled
-from dogscats.backbones.registry import BackboneSpec
+from dogscats.backbones.registry import BackboneSpec, did_you_mean
 
 INSTALL = "pip install '.[hub]'"  # the extra that brings keras-hub (pyproject.toml)
 CONVERTER_FILE = "image_converter.json"  # KerasHub's names for a preset's files
@@ -102,8 +101,7 @@ def _check_known(preset: str) -> None:
     known = keras_hub().models.Backbone.presets
     if "://" in preset or preset in known:
         return
-    close = difflib.get_close_matches(preset, list(known), n=3, cutoff=0.6)
-    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    hint = did_you_mean(preset, known, count=3, cutoff=0.6)
     raise ValueError(
         f"hub:{preset}: KerasHub {keras_hub().__version__} has no preset of that name.{hint} "
         "Give a name from keras_hub.models.Backbone.presets, a kaggle:// or hf:// handle, or "

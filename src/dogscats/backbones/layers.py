@@ -9,10 +9,9 @@ imported inside the functions: the package stays standard-library at import time
 
 from __future__ import annotations
 
-import difflib
 import functools
 
-from dogscats.backbones.registry import BackboneSpec, get_backbone
+from dogscats.backbones.registry import BackboneSpec, did_you_mean, get_backbone
 
 
 def pooled(x):
@@ -89,8 +88,7 @@ def check_layer(model, layer: str) -> None:
     shapes = poolable_layers(model)
     if layer in shapes:
         return
-    close = difflib.get_close_matches(layer, list(shapes), n=5, cutoff=0.5)
-    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    hint = did_you_mean(layer, shapes, count=5)
     raise ValueError(
         f"LAYER={layer}: {model.name} has no layer of that name with one output to pool.{hint} "
         "`make layers BACKBONE=<name>` lists the block ends. "

@@ -150,9 +150,15 @@ def closest_names(name: str, count: int = 3) -> list[str]:
     return difflib.get_close_matches(name, list_backbones(), n=count, cutoff=0.5)
 
 
-def _did_you_mean(name: str) -> str:
-    close = closest_names(name)
+def did_you_mean(name: str, choices, count: int = 3, cutoff: float = 0.5) -> str:
+    """' Did you mean: a, b?' with the choices nearest to a mistyped name, or ''. The one
+    wording of every such hint (backbones, presets, layers)."""
+    close = difflib.get_close_matches(name, list(choices), n=count, cutoff=cutoff)
     return f" Did you mean: {', '.join(close)}?" if close else ""
+
+
+def _did_you_mean(name: str) -> str:
+    return did_you_mean(name, list_backbones())
 
 
 def offline_backbones() -> list[str]:
