@@ -222,8 +222,9 @@ def _compile_jax(model, compute: Callable, shape: tuple, where: Placement):
     exact = "highest" if model.compute_dtype == "float32" else None
 
     def stateless(values, batch):
-        with jax.default_matmul_precision(exact), keras.StatelessScope(
-            state_mapping=list(zip(variables, values))
+        with (
+            jax.default_matmul_precision(exact),
+            keras.StatelessScope(state_mapping=list(zip(variables, values))),
         ):
             return compute(batch)
 
