@@ -198,14 +198,10 @@ def _forward_setup(
     devices), and one real batch in host memory, as the reader hands it over."""
     import numpy as np
 
-    from dogscats import arrays, features, forward
+    from dogscats import arrays
     from dogscats.backbones import get_backbone
 
-    spec = get_backbone(backbone)
-    where = forward.place(os.environ.get("DEVICES", "auto"))
-    with where.scope():
-        model = features.build_model(spec, weights, None, precision)
-    step = forward.make_forward(model, spec, batch_size, flip=(tta == "flip"), where=where)
+    step = _build_forward(get_backbone(backbone), weights, precision, batch_size, tta)
     images, _ = arrays.load_split(arrays_dir, "train")
     batch = np.zeros((batch_size, *images.shape[1:]), np.uint8)
     rows = min(batch_size, len(images))
@@ -220,18 +216,22 @@ def _fixed_cost(
     """Seconds to build the model again and compile its forward pass, as `extract` does before
     its first batch (file opening aside). Timed on a second build in a process that has built
     one already, as `extract`'s is here: the first pays one-off start-up costs besides."""
-    from dogscats import features, forward
     from dogscats.backbones import get_backbone
 
     spec = get_backbone(backbone)
     start = time.perf_counter()
-    where = forward.place(os.environ.get("DEVICES", "auto"))
-    with where.scope():
-        model = features.build_model(spec, weights, None, precision)
-    step = forward.make_forward(model, spec, batch_size, flip=(tta == "flip"), where=where)
+    step = _build_forward(spec, weights, precision, batch_size, tta)
     build_s = time.perf_counter() - start
     first, warm = _time_forward(step, batch, 2, in_flight=False)
     return build_s + max(first - warm, 0.0)
+
+
+def _build_forward(spec, weights: str, precision: str, batch_size: int, tta: str):
+    """features.build_forward, on the DEVICES of the environment, as `make features` passes."""
+    from dogscats import features
+
+    devices = os.environ.get("DEVICES", "auto")
+    return features.build_forward(spec, weights, None, precision, batch_size, tta, devices)
 
 
 def _time_forward(step, batch: object, calls: int, in_flight: bool = True) -> list[float]:

@@ -27,7 +27,7 @@ import numpy as np
 from dogscats import arrays, config, store
 from dogscats.backbones import BackboneSpec, build_backbone, get_backbone, resolve_keras_weights
 from dogscats.backbones import layers as backbone_layers
-from dogscats.forward import make_forward, place, run_forward
+from dogscats.forward import Forward, make_forward, place, run_forward
 from dogscats.store import SPLITS
 
 # ImageNet-1k class ranges used by the zero-shot head: dogs 151-268, cats 281-285.
@@ -126,12 +126,9 @@ def extract(
     partial = store.partial_path(out)
     needed = _bytes_needed(manifest["counts"], spec.feature_dim, tta)
     _check_room(partial, needed)
-    where = place(devices)
-    batch_size = where.batch_size(batch_size)
-    print(f"Forward pass: {where.describe()}, batch {batch_size}", flush=True)
-    with where.scope():
-        model = build_model(spec, weights, weights_dir, precision, layer)
-    forward = make_forward(model, spec, batch_size, flip=(tta == "flip"), where=where)
+    forward = build_forward(spec, weights, weights_dir, precision, batch_size, tta, devices, layer)
+    batch_size = forward.batch_size
+    print(f"Forward pass: {forward.placement.describe()}, batch {batch_size}", flush=True)
     with _write_errors(partial, needed):
         with h5py.File(_open_partial(partial, wanted), "a") as handle:
             for split in SPLITS:
@@ -258,6 +255,25 @@ def _verify_split(handle, split: str, rows: int, damaged) -> None:
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}. Received: {value!r}")
+
+
+def build_forward(
+    spec: BackboneSpec,
+    weights: str,
+    weights_dir: str | None,
+    precision: str,
+    batch_size: int,
+    tta: str,
+    devices: str = "auto",
+    layer: str | None = None,
+) -> Forward:
+    """The compiled forward pass `extract` runs (bench/ measures this same one): the model
+    built on `devices`, a batch rounded up to split over them, the mirrored pass with flip."""
+    where = place(devices)
+    with where.scope():
+        model = build_model(spec, weights, weights_dir, precision, layer)
+    batch_size = where.batch_size(batch_size)
+    return make_forward(model, spec, batch_size, flip=(tta == "flip"), where=where)
 
 
 def build_model(

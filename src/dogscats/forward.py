@@ -190,8 +190,9 @@ def make_forward(
     model, spec: BackboneSpec, batch_size: int, flip: bool, where: Placement | None = None
 ) -> Forward:
     """The compiled forward pass of `model` for batches of `batch_size` images at
-    spec.input_size, on `where` (default: the backend's default device)."""
-    return Forward(model, spec, batch_size, flip, where or place("auto"))
+    spec.input_size, on `where` (default: one device, the backend's first accelerator, else
+    the CPU: a model built outside a distribution's scope lives on one device)."""
+    return Forward(model, spec, batch_size, flip, where or place("1"))
 
 
 def _compute(model, preprocess: Callable, flip: bool) -> Callable:
