@@ -178,9 +178,12 @@ BENCH_DATA ?= ../shared/data/dogs-vs-cats-sample
 bench: | $(SETUP) ## speed and memory against bare loops: writes bench/REPORT.md
 	$(PY) bench/run.py --data-dir '$(BENCH_DATA)' --out bench/REPORT.md
 
-test: | $(SETUP) ## the whole test suite, then its backend tests again under JAX on two devices
+test: | $(SETUP) ## the whole test suite, then its backend tests under JAX on two devices (and PyTorch if installed)
 	$(PY) -m pytest
 	KERAS_BACKEND=jax XLA_FLAGS=--xla_force_host_platform_device_count=2 $(PY) -m pytest -m backend
+	@if $(PY) -c 'import torch' 2>/dev/null; then \
+		echo "KERAS_BACKEND=torch $(PY) -m pytest -m backend"; KERAS_BACKEND=torch $(PY) -m pytest -m backend; \
+	else echo "PyTorch is not installed: the backend tests skipped KERAS_BACKEND=torch (install torch into the venv to run them)"; fi
 
 lint: | $(SETUP) ## ruff
 	$(VENV)/bin/ruff check src tests scripts bench

@@ -67,8 +67,8 @@ def tiny(tmp_path_factory):
             images, index = arrays.load_split(arrays_dir, split)
             x = get_backbone(BACKBONE).preprocess_fn()(np.asarray(images, "float32"))
             group = handle.create_group(split)
-            group["features"] = np.asarray(net(x))
-            group["features_flip"] = np.asarray(net(x[:, :, ::-1]))
+            group["features"] = net.predict(x, verbose=0)
+            group["features_flip"] = net.predict(x[:, :, ::-1].copy(), verbose=0)
             group["ids"] = index["id"].astype(str).to_numpy().astype("S")
             group["labels"] = index["label"].to_numpy().astype("int8")
     head_run = root / "head"
@@ -129,6 +129,7 @@ def finished(tiny):
     return {"out": out, "first": first, "second": second, "state": state, "work": work}
 
 
+@pytest.mark.backend  # make test runs these under JAX (and PyTorch) too
 def test_resume_after_an_interruption_continues_where_it_stopped(finished):
     assert finished["state"] == {"fold_0_done": True, "backup": True, "out_exists": False}
     log = "\n".join(finished["second"])
@@ -139,6 +140,7 @@ def test_resume_after_an_interruption_continues_where_it_stopped(finished):
     assert not finished["work"].exists()
 
 
+@pytest.mark.backend  # make test runs these under JAX (and PyTorch) too
 def test_a_resumed_run_equals_an_uninterrupted_one(finished, tiny):
     """The fault test of fine-tuning: the run stopped in fold 1 after its first epoch and
     resumed leaves what a run never stopped leaves: predictions equal, bit for bit."""
@@ -181,6 +183,7 @@ def test_starts_from_the_head_and_writes_the_heads_run_format(finished, tiny):
     assert (out / "fold_0.joblib").is_file() and (out / "logs" / "fold_0").is_dir()
 
 
+@pytest.mark.backend  # make test runs these under JAX (and PyTorch) too
 def test_cut_cache_equals_the_networks_activations_at_the_cut(finished, tiny):
     spec = get_backbone(BACKBONE)
     net = build_backbone(BACKBONE, weights=tiny["weights"], input_size=SIZE, pooling=None)
@@ -238,6 +241,7 @@ class ScoresPoorly:
         return np.full((len(X), 2), [0.999, 0.001])  # P(dog) = 0.001 for every image
 
 
+@pytest.mark.backend  # make test runs these under JAX (and PyTorch) too
 def test_a_fold_that_beats_the_head_keeps_its_fine_tuned_predictions(finished, tiny, monkeypatch):
     """With a score of about 3.45 to beat on the early-stopping rows, the model before any
     step (learning rate 0) beats it at once: the fine-tuned folds are kept."""

@@ -325,7 +325,7 @@ def _versions() -> dict[str, str]:
     return {
         "keras_version": keras.__version__,
         "keras_backend": backend,
-        f"{backend}_version": module.__version__,
+        f"{backend}_version": str(module.__version__),  # torch's is a str subclass h5py refuses
     }
 
 

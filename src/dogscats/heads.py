@@ -266,12 +266,14 @@ class KerasHead(_Head):
         self.__dict__.update(state)
 
 
-def build_dense_head(dim: int, dropout: float = 0.5):
-    """Dropout + Dense(1, sigmoid) on `dim` features; the layer `head` is shared with finetune."""
+def build_dense_head(dim: int, dropout: float = 0.5, seed: int | None = None):
+    """Dropout + Dense(1, sigmoid) on `dim` features; the layer `head` is shared with finetune.
+    A `seed` makes the dropout masks follow the layer's seed generator on every backend (on
+    PyTorch an unseeded Dropout draws from torch's global generator instead)."""
     import keras
 
     inputs = keras.Input((dim,), name="gap_features")
-    x = keras.layers.Dropout(dropout, name="head_dropout")(inputs)
+    x = keras.layers.Dropout(dropout, seed=seed, name="head_dropout")(inputs)
     outputs = keras.layers.Dense(1, activation="sigmoid", name="head")(x)
     return keras.Model(inputs, outputs, name="dense_head")
 

@@ -180,7 +180,9 @@ def build_model(
         x = InferenceMode(cut.bottom, name="frozen_bottom")(x)
     x = InferenceMode(cut.top, name="trainable_top")(x)
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
-    dense_head = heads.build_dense_head(int(x.shape[-1]), dropout)
+    # Seeded so that inputs.EpochDraws, which sets the seed generators per epoch, also decides
+    # the masks on PyTorch (the value itself is overwritten every epoch).
+    dense_head = heads.build_dense_head(int(x.shape[-1]), dropout, seed=0)
     per_image = keras.Model(inputs, dense_head(x), name="per_image")
     views = keras.Input((None, *item_shape), name="views")
     model = keras.Model(views, ViewAverage(per_image, name="tta")(views), name="finetune")
