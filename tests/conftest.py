@@ -14,6 +14,21 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
+def pytest_configure(config) -> None:
+    """Under TensorFlow, two logical CPU devices, as XLA_FLAGS gives JAX in make test's second
+    pass, so that the several-device tests run on both backends. It must happen before
+    TensorFlow runs anything (collection lists devices). Ops still go to the first device
+    unless a test asks for both (DEVICES=auto on a CPU is one device)."""
+    if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
+        return
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()]
+    )
+
+
 def shared_path(*parts: str) -> Path:
     """A path under ../shared, or skip the test with the reason when it is absent."""
     path = SHARED.joinpath(*parts)

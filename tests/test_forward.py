@@ -90,10 +90,10 @@ def test_devices_are_checked_before_any_work():
     assert forward.place("cpu").devices == ["cpu:0"]
 
 
-@pytest.mark.skipif(BACKEND == "jax", reason="JAX splits batches over several devices")
-def test_several_devices_need_jax():
-    with pytest.raises(forward.DeviceError, match="KERAS_BACKEND=jax"):
-        forward.place("2")
+def test_more_devices_than_the_backend_sees_are_refused():
+    match = "torch runs on one device" if BACKEND == "torch" else f"{BACKEND} sees"
+    with pytest.raises(forward.DeviceError, match=match):
+        forward.place("2" if BACKEND == "torch" else "64")
 
 
 def test_a_batch_that_does_not_split_over_the_devices_is_rounded_up():
@@ -113,18 +113,15 @@ def test_reference_images_give_the_reference_features_on_this_backend():
     assert not np.allclose(plain, mirrored)
 
 
-def _jax_devices() -> int:
-    if BACKEND != "jax":
-        return 0
-    import jax
-
-    return jax.device_count()
+def _devices() -> int:
+    """How many devices Keras lists for the backend (PyTorch: one; Keras does not list them)."""
+    return 1 if BACKEND == "torch" else len(keras.distribution.list_devices())
 
 
 @pytest.mark.skipif(
-    _jax_devices() < 2,
-    reason="needs KERAS_BACKEND=jax and two devices (make test runs it with "
-    "XLA_FLAGS=--xla_force_host_platform_device_count=2)",
+    _devices() < 2,
+    reason="needs two devices: make test gives TensorFlow two logical CPUs (conftest) and JAX "
+    "two with XLA_FLAGS=--xla_force_host_platform_device_count=2; PyTorch uses one",
 )
 def test_two_devices_give_the_features_of_one():
     spec = dataclasses.replace(get_backbone("efficientnet_lite0"), input_size=32)
@@ -140,7 +137,8 @@ def test_two_devices_give_the_features_of_one():
         rows = {}
         forward.run_forward(images, step, step.batch_size, rows.__setitem__, progress=False)
         outputs[devices] = [np.concatenate([rows[k][i] for k in sorted(rows)]) for i in (0, 1)]
-    assert described == ["jax on 1 device (cpu:0)", "jax on 2 devices (cpu:0, cpu:1)"]
+    single, split = f"{BACKEND} on 1 device (cpu:0)", f"{BACKEND} on 2 devices (cpu:0, cpu:1)"
+    assert described == [single, split]
     for one, two in zip(outputs["1"], outputs["2"]):
         assert one.shape == (10, 8)
         np.testing.assert_allclose(two, one, atol=1e-5)

@@ -66,32 +66,56 @@ def place(devices: str = "auto") -> Placement:
     except ValueError as error:
         raise DeviceError(str(error)) from None
     backend = keras.backend.backend()
+    if backend == "torch":
+        return _place_torch(wanted)
     if backend == "jax":
-        return _place_jax(wanted)
-    return _place_single(backend, wanted)
+        import jax
+
+        _persistent_compile_cache(jax)
+    available = _choose(backend, wanted)
+    if len(available) > 1:
+        return Placement(backend, available, distribution=_split(backend, available))
+    return Placement(backend, available, distribution=_one_device(backend, available[0]))
 
 
-def _place_jax(wanted: str | int) -> Placement:
-    import jax
+def _choose(backend: str, wanted: str | int) -> list[str]:
+    """The devices to use, from what Keras lists for the backend: its accelerators, else its
+    CPU devices (one, unless a test split the CPU). `auto` takes every accelerator, else one
+    CPU device: virtual CPU devices share the same cores, so splitting over them gains nothing."""
     import keras
-
-    _persistent_compile_cache(jax)
 
     available = keras.distribution.list_devices("cpu" if wanted == "cpu" else None)
     if wanted == "cpu":
-        available = available[:1]
-    elif isinstance(wanted, int):
+        return available[:1]
+    if isinstance(wanted, int):
         if wanted > len(available):
             raise DeviceError(
-                f"DEVICES={wanted}, but JAX sees {len(available)}: {', '.join(available)}."
+                f"DEVICES={wanted}, but {backend} sees {len(available)}: {', '.join(available)}."
             )
-        available = available[:wanted]
-    if len(available) == 1:
-        platform, _, index = available[0].partition(":")
-        device = jax.devices(platform)[int(index or 0)]
-        return Placement("jax", available, distribution=_OneDevice(device))
-    split = keras.distribution.DataParallel(devices=available)
-    return Placement("jax", available, distribution=split)
+        return available[:wanted]
+    return available if not available[0].startswith("cpu") else available[:1]
+
+
+def _split(backend: str, devices: list[str]) -> Any:
+    """What splits each batch over several devices: Keras's DataParallel on JAX; on
+    TensorFlow, where Keras's distribution API is a prototype, tf.distribute's
+    MirroredStrategy (one replica of the weights per device)."""
+    if backend == "jax":
+        import keras
+
+        return keras.distribution.DataParallel(devices=devices)
+    import tensorflow as tf
+
+    return _Mirrored(tf.distribute.MirroredStrategy([f"/{d.upper()}" for d in devices]))
+
+
+def _one_device(backend: str, device: str) -> Any:
+    if backend != "jax":
+        return None  # TensorFlow places ops on its first GPU itself, else on the CPU
+    import jax
+
+    platform, _, index = device.partition(":")
+    return _OneDevice(jax.devices(platform)[int(index or 0)])
 
 
 def _persistent_compile_cache(jax) -> None:
@@ -106,33 +130,23 @@ def _persistent_compile_cache(jax) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
-def _place_single(backend: str, wanted: str | int) -> Placement:
-    """TensorFlow and PyTorch run on one device here: their backend picks it (the first GPU
-    when there is one). Keras's DataParallel is JAX-only, so several devices need JAX."""
+def _place_torch(wanted: str | int) -> Placement:
+    """PyTorch runs on one device here (Keras puts tensors on the first GPU when there is
+    one): Keras's distribution API does not reach PyTorch."""
+    import torch
+
     if isinstance(wanted, int) and wanted > 1:
         raise DeviceError(
-            f"DEVICES={wanted} splits batches over devices with KERAS_BACKEND=jax; "
-            f"{backend} runs on one device here."
+            f"DEVICES={wanted} splits batches over devices with KERAS_BACKEND=jax or "
+            "tensorflow; torch runs on one device here."
         )
-    accelerators = _accelerators(backend)
+    accelerators = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     if wanted == "cpu" or not accelerators:
-        return Placement(backend, ["cpu:0"])
+        return Placement("torch", ["cpu:0"])
     notes = []
     if len(accelerators) > 1:
         notes.append(f"{len(accelerators)} visible, 1 used: KERAS_BACKEND=jax uses all")
-    return Placement(backend, [accelerators[0]], notes=notes)
-
-
-def _accelerators(backend: str) -> list[str]:
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        return [f"gpu:{i}" for i, _ in enumerate(tf.config.list_physical_devices("GPU"))]
-    if backend == "torch":
-        import torch
-
-        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    return []
+    return Placement("torch", [accelerators[0]], notes=notes)
 
 
 @dataclass
@@ -145,6 +159,17 @@ class _OneDevice:
         import jax
 
         return jax.default_device(self.device)
+
+
+@dataclass
+class _Mirrored:
+    """tf.distribute.MirroredStrategy as a Placement's distribution: models built in its
+    scope hold one copy of their weights per device."""
+
+    strategy: Any
+
+    def scope(self) -> AbstractContextManager:
+        return self.strategy.scope()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,12 +275,36 @@ def _compile_tensorflow(model, compute: Callable, shape: tuple, where: Placement
     CPU it compiled slower than it ran (bench/REPORT.md)."""
     import tensorflow as tf
 
+    if isinstance(where.distribution, _Mirrored):
+        return _compile_mirrored(compute, shape, where.distribution.strategy)
     step = tf.function(compute, input_signature=[tf.TensorSpec(shape, tf.uint8)])
-    device = "/CPU:0" if where.devices[0].startswith("cpu") else "/GPU:0"
+    device = f"/{where.devices[0].upper()}"
 
     def put(batch):
         with tf.device(device):
             return tf.identity(batch)
+
+    return step, put
+
+
+def _compile_mirrored(compute: Callable, shape: tuple, strategy):
+    """Each device runs `compute` on its share of the batch; the shares' outputs are
+    gathered back in batch order."""
+    import tensorflow as tf
+
+    share = shape[0] // strategy.num_replicas_in_sync
+
+    @tf.function
+    def step(shares):
+        outputs = strategy.run(compute, args=(shares,))
+        return [strategy.gather(output, axis=0) for output in outputs]
+
+    def put(batch):
+        def on_device(context):  # called once per device, under that device's scope
+            first = context.replica_id_in_sync_group * share
+            return tf.constant(batch[first : first + share])
+
+        return strategy.experimental_distribute_values_from_function(on_device)
 
     return step, put
 
