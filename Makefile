@@ -101,8 +101,8 @@ train: $(RUN_DIR)/metrics.json | check-plan ## cross-validated head on the conca
 
 finetune: $(FT_RUN_DIR)/metrics.json | check-plan ## fine-tune BLOCKS top blocks of BACKBONE, per fold
 
-submission: $(SUBMISSION) | check-plan ## (default) clipped submission CSV; redoes only what is stale
-	@$(if $(SUBMISSION_MADE),:,echo "$(SUBMISSION) is up to date: nothing to redo.")
+submission: $(SUBMISSION_FILE) | check-plan ## (default) clipped submission CSV; redoes only what is stale
+	@$(if $(SUBMISSION_MADE),:,echo "$(SUBMISSION_FILE) is up to date: nothing to redo.")
 
 blend: $(BLEND_SUBMISSION) | check-plan ## blend RUNS (default: every finished run) into a submission
 	@$(if $(BLEND_MADE),:,echo "$(BLEND_SUBMISSION) is up to date: nothing to redo.")
@@ -149,7 +149,8 @@ $(FT_RUN_DIR)/metrics.json: $(FT_HEAD_RUN)/metrics.json $(FT_ARRAYS)/manifest.js
 		--head-run $(FT_HEAD_RUN) --augment $(AUGMENT) --weights $(WEIGHTS) --seed $(SEED) \
 		--arrays $(FT_ARRAYS) --out $(@D) $(FT_FLAGS)
 
-$(SUBMISSION): $(RUN_DIR)/metrics.json $(wildcard $(DATA_DIR)/sample_submission.csv) | $(SETUP)
+# SUBMISSION (what `make score` reads) may name another run's file, a blend's: never a rule.
+$(SUBMISSION_FILE): $(RUN_DIR)/metrics.json $(wildcard $(DATA_DIR)/sample_submission.csv) | $(SETUP)
 	$(eval SUBMISSION_MADE := 1)
 	$(CLI) submission --run-dir $(RUN_DIR) --sample-submission '$(DATA_DIR)/sample_submission.csv' \
 		--out $@ --clip $(CLIP)

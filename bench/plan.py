@@ -6,7 +6,15 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-STAGES = ("preprocess", "features", "scaling", "submission", "precision", "allocator")
+STAGES = (
+    "preprocess",
+    "features",
+    "scaling",
+    "submission",
+    "precision",
+    "allocator",
+    "finetune",
+)
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,10 @@ class Plan:
     allocator_backbone: str = "efficientnet_lite1"
     allocator_images: int = 600  # train images (half as many test) extracted per run
     allocator_rounds: int = 2  # alternations of TensorFlow's default CPU allocator and BFC
+    finetune_backbone: str = "efficientnet_lite0"
+    finetune_batches: int = 8  # per epoch (the last one partial, as in a real fold)
+    finetune_epochs: int = 3
+    finetune_variants: tuple[str, ...] = ("flip", "full", "full_bare")  # stages.FINETUNE_VARIANTS
 
 
 QUICK = Plan(
@@ -55,6 +67,9 @@ QUICK = Plan(
     folds=2,
     allocator_images=8,
     allocator_rounds=1,
+    finetune_batches=3,
+    finetune_epochs=2,
+    finetune_variants=("flip",),
 )
 
 

@@ -320,6 +320,35 @@ def _section_allocator(r: dict) -> list[str]:
     ]
 
 
+def _section_finetune(r: dict) -> list[str]:
+    rows, images = [], next(iter(r["variants"].values()))["images"]
+    for name, v in r["variants"].items():
+        first, later = v["epochs"][0], v["epochs"][1:]
+        steady = min(e["epoch_s"] for e in later)
+        compiles = " / ".join(str(e["compiles"]) for e in v["epochs"])
+        compile_s = sum(e["compile_s"] for e in v["epochs"])
+        rows.append(
+            f"{name} | {v['train_rate']:.1f} | {v['forward_rate']:.1f} | "
+            f"{v['train_rate'] / v['forward_rate']:.2f} | {first['epoch_s']:.1f} | {steady:.1f} | "
+            + (f"{compiles} ({compile_s:.1f} s)" if v["backend"] == "jax" else "n/a")
+        )
+    return [
+        f"`model.fit` of the fine-tuning model of {r['backbone']} (`BLOCKS=1`, random weights, "
+        f"batch {r['batch_size']}, {r['epochs']} epochs of {images} images with a partial "
+        "last batch, validating each epoch as the trainer does) on "
+        f"KERAS_BACKEND={r['backend']}, DEVICES={r['devices']}, each variant in a fresh process. "
+        "Training img/s: the steps after each epoch's first, best epoch after the first. "
+        "Forward: the bare compiled forward pass of the whole backbone, same batch. Compiled: "
+        "programs XLA compiled in each epoch (JAX only).",
+        "",
+        *_table(
+            "variant | training img/s | forward img/s | training / forward | first epoch s | "
+            "later epoch s | compiled per epoch",
+            rows,
+        ),
+    ]
+
+
 SECTIONS: list[tuple[str, str, Callable[[dict], list[str]]]] = [
     ("1. Preprocessing", "preprocess", _section_preprocess),
     ("2. Feature extraction", "features", _section_features),
@@ -328,6 +357,7 @@ SECTIONS: list[tuple[str, str, Callable[[dict], list[str]]]] = [
     ("5. make submission, cold and warm", "submission", _section_submission),
     ("6. Precision: bfloat16 against float32", "precision", _section_precision),
     ("7. TensorFlow's CPU allocator", "allocator", _section_allocator),
+    ("8. Fine-tuning against the forward pass", "finetune", _section_finetune),
 ]
 
 

@@ -437,6 +437,48 @@ def measure_allocator(ctx: Context) -> dict:
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# 7. Fine-tuning against the forward pass
+
+FINETUNE_VARIANTS = {  # name: (AUGMENT, with the random-transform layers, what the report says)
+    "flip": ("flip", True, "AUGMENT=flip: cached maps, top block only"),
+    "full": ("full", True, "AUGMENT=full: whole network, augmentation layers"),
+    "full_bare": ("full", False, "AUGMENT=full without the augmentation layers"),
+}
+
+
+def measure_finetune(ctx: Context) -> dict:
+    """model.fit of the fine-tuning model (BLOCKS=1) on the backend and device in use, each
+    variant in a fresh process: training images/s after the first epoch, against the bare
+    forward pass of the whole backbone at the same batch size; the first epoch's extra time;
+    on JAX, the programs compiled per epoch (a program compiled again each epoch, or per batch
+    shape, would show here)."""
+    plan = ctx.plan
+    arrays_dir = _sample_arrays(ctx, _input_size(plan.finetune_backbone))
+    variants = {
+        FINETUNE_VARIANTS[name][2]: in_child(
+            "finetune",
+            arrays_dir=str(arrays_dir),
+            backbone=plan.finetune_backbone,
+            blocks=1,
+            batch_size=plan.batch_size,
+            batches=plan.finetune_batches,
+            epochs=plan.finetune_epochs,
+            augment=FINETUNE_VARIANTS[name][0],
+            augmentation=FINETUNE_VARIANTS[name][1],
+        )
+        for name in plan.finetune_variants
+    }
+    return {
+        "backbone": plan.finetune_backbone,
+        "batch_size": plan.batch_size,
+        "epochs": plan.finetune_epochs,
+        "backend": os.environ.get("KERAS_BACKEND", "tensorflow"),
+        "devices": os.environ.get("DEVICES", "auto"),
+        "variants": variants,
+    }
+
+
 MEASUREMENTS: dict[str, Callable[[Context], dict]] = {
     "preprocess": measure_preprocess,
     "features": measure_features,
@@ -444,4 +486,5 @@ MEASUREMENTS: dict[str, Callable[[Context], dict]] = {
     "submission": measure_submission,
     "precision": measure_precision,
     "allocator": measure_allocator,
+    "finetune": measure_finetune,
 }

@@ -411,6 +411,127 @@ def _feature_difference(first: str, second: str) -> dict:
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning against the forward pass (where a fit's time goes)
+
+
+def task_finetune(
+    arrays_dir: str,
+    backbone: str,
+    blocks: int,
+    augment: str,
+    batch_size: int,
+    batches: int,
+    epochs: int,
+    augmentation: bool = True,
+) -> dict:
+    """`model.fit` of the fine-tuning model as `make finetune` builds it (random weights), on
+    about `batches` batches with a partial last one as a real fold has, validating each epoch
+    as the trainer does; and the bare forward pass of the whole backbone on the same batch
+    size. Per epoch: seconds of the training steps (first batch end to last) and of the whole
+    epoch; on JAX, the programs compiled in each epoch and their seconds."""
+    import keras
+    import numpy as np
+
+    from dogscats import arrays
+    from dogscats.backbones import build_backbone, get_backbone
+    from dogscats.finetune import model as tuning
+    from dogscats.finetune.inputs import EpochDraws, Source, make_dataset
+
+    spec = get_backbone(backbone)
+    images, index = arrays.load_split(arrays_dir, "train")
+    rows = np.arange(min(len(images), batches * batch_size - batch_size // 4))
+    labels = index["label"].to_numpy(np.float32)
+    keras.utils.set_random_seed(0)
+    net = build_backbone(backbone, weights="random", input_size=images.shape[1], pooling=None)
+    cut = tuning.cut_backbone(net, spec, blocks)
+    if augment == "flip":  # the cache of maps at the cut, as build_cache makes it (not timed)
+        source = Source(*[_maps_at_cut(cut, spec, images[: len(rows)], batch_size)] * 2, True)
+    else:
+        source = Source(images, images, cached=False)
+    if not augmentation:  # the same model with the random-transform layers left out
+        tuning.augmentation = lambda: keras.layers.Identity(name="augment")
+    fine = tuning.build_model(cut, backbone, augment, source.item_shape, dropout=0.5)
+    tuning.compile_model(fine.model, 3e-4, -(-len(rows) // batch_size), epochs)
+    train_set = make_dataset(source, "train", rows, labels, batch_size, True, seed=0)
+    stop = make_dataset(source, "train", rows[: 2 * batch_size], labels, batch_size, False)
+    watch = _fit_watch()
+    fine.model.fit(
+        train_set,
+        validation_data=stop,
+        epochs=epochs,
+        verbose=0,
+        callbacks=[EpochDraws(train_set), watch],
+    )
+    forward, batch = _forward_setup(backbone, "random", "float32", batch_size, arrays_dir)
+    bare = _time_forward(forward, batch, 6)
+    return {
+        "backend": keras.backend.backend(),
+        "images": len(rows),
+        "batch_size": batch_size,
+        "epochs": watch.epochs,
+        # the steps after each epoch's first: every one but the last is a full batch
+        "train_rate": (len(rows) - batch_size) / min(e["steps_s"] for e in watch.epochs[1:]),
+        "forward_rate": batch_size / _median(bare),
+    }
+
+
+def _maps_at_cut(cut, spec, images, batch_size: int):
+    """(N, 2 views, h, w, c) float32 maps at the cut, as fine-tuning's cache holds them."""
+    import dataclasses
+
+    import numpy as np
+
+    from dogscats.forward import make_forward, run_forward
+
+    sized = dataclasses.replace(spec, input_size=int(images.shape[1]))
+    bottom = make_forward(cut.bottom, sized, batch_size, flip=True)
+    parts: dict[int, list] = {}
+    run_forward(images, bottom, batch_size, parts.__setitem__, progress=False)
+    return np.concatenate([np.stack(parts[first], axis=1) for first in sorted(parts)])
+
+
+def _fit_watch():
+    """A Keras callback recording each epoch's times and, on JAX, the programs XLA compiled
+    during it (defined here: this module imports no Keras at the top)."""
+    import keras
+
+    class FitWatch(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.epochs: list[dict] = []
+            self.compiled: list[float] = []
+            if keras.backend.backend() == "jax":
+                from jax import monitoring
+
+                monitoring.register_event_duration_secs_listener(self._compile)
+
+        def _compile(self, event: str, seconds: float, **_: object) -> None:
+            if event == "/jax/core/compile/backend_compile_duration":
+                self.compiled.append(seconds)
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.began, self.ends, self.seen = time.perf_counter(), [], len(self.compiled)
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.ends.append(time.perf_counter())
+
+        def on_epoch_end(self, epoch, logs=None):
+            compiled = self.compiled[self.seen :]
+            self.epochs.append(
+                {
+                    "epoch_s": time.perf_counter() - self.began,
+                    "first_batch_s": self.ends[0] - self.began,
+                    "steps_s": self.ends[-1] - self.ends[0],  # every step after the first
+                    "steps": len(self.ends),
+                    "compiles": len(compiled),
+                    "compile_s": sum(compiled),
+                }
+            )
+
+    return FitWatch()
+
+
 TASKS: dict[str, Callable[..., dict]] = {
     "preprocess": task_preprocess,
     "bare_decode": task_bare_decode,
@@ -419,6 +540,7 @@ TASKS: dict[str, Callable[..., dict]] = {
     "features": task_features,
     "extract": task_extract,
     "precision": task_precision,
+    "finetune": task_finetune,
 }
 
 

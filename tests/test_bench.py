@@ -89,6 +89,10 @@ def test_measured_figures_are_positive(quick_run):
     allocator = results["allocator"]
     assert allocator["images"] == 8 + 4 and set(allocator["rate"]) == {"default", "bfc"}
     assert all(f > 0 for f in allocator["faults_per_image"].values())
+    (tuned,) = results["finetune"]["variants"].values()
+    assert len(tuned["epochs"]) == 2 and tuned["images"] == 3 * 4 - 1  # a partial last batch
+    assert tuned["train_rate"] > 0 and tuned["forward_rate"] > 0
+    assert all(e["steps"] == 3 and e["steps_s"] > 0 for e in tuned["epochs"])
     precision = results["precision"]
     assert precision["diff"]["max_abs_value"] > 0
     assert 0 < precision["heads"]["float32"]["log_loss"] < 10
