@@ -145,7 +145,7 @@ def _place_torch(wanted: str | int) -> Placement:
         return Placement("torch", ["cpu:0"])
     notes = []
     if len(accelerators) > 1:
-        notes.append(f"{len(accelerators)} visible, 1 used: KERAS_BACKEND=jax uses all")
+        notes.append(f"{len(accelerators)} visible, 1 used: jax or tensorflow use all")
     return Placement("torch", [accelerators[0]], notes=notes)
 
 
