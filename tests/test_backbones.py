@@ -15,7 +15,7 @@ from dogscats.backbones import BackboneSpec
 
 def test_listing_with_wildcards_and_unknown_names():
     assert {"inception_v3", "xception", "resnet50"} <= set(backbones.list_backbones())
-    assert backbones.list_backbones("efficientnet_lite*") == [
+    assert backbones.list_backbones("efficientnet_lite?") == [
         "efficientnet_lite0",
         "efficientnet_lite1",
         "efficientnet_lite2",
@@ -26,13 +26,23 @@ def test_listing_with_wildcards_and_unknown_names():
 
 def test_offline_expands_to_the_pypi_weight_backbones():
     assert backbones.expand_names("offline resnet50") == [
-        "efficientnet_lite0",
-        "efficientnet_lite1",
-        "efficientnet_lite2",
+        "efficientnet_lite0_288",
+        "efficientnet_lite1_304",
+        "efficientnet_lite2_330",
         "resnet50",
     ]
     with pytest.raises(ValueError, match="No backbone given"):
         backbones.expand_names("")
+
+
+def test_each_lite_variant_comes_at_its_native_size_and_a_larger_one():
+    """The native-size entries stay by name; offline names the larger ones, same weights."""
+    for variant, native, large in ((0, 224, 288), (1, 240, 304), (2, 260, 330)):
+        plain = backbones.get_backbone(f"efficientnet_lite{variant}")
+        bigger = backbones.get_backbone(f"efficientnet_lite{variant}_{large}")
+        assert (plain.input_size, bigger.input_size) == (native, large)
+        assert (plain.builder, plain.weights_source) == (bigger.builder, bigger.weights_source)
+        assert not plain.in_offline_set and bigger.in_offline_set
 
 
 def test_a_duplicate_name_is_an_error():

