@@ -3,7 +3,8 @@ out of fold (clipped as the submission is, with the spread over folds), against 
 test labels (`make score`), and timed (wall time of `make submission` / `make blend`, the
 features already extracted).
 
-    make features DATA_DIR=../shared/data/dogs-vs-cats-sample BACKBONES="$NATIVE" TTA=flip
+    make features DATA_DIR=../shared/data/dogs-vs-cats-sample TTA=flip \
+        BACKBONES="efficientnet_lite0 efficientnet_lite1 efficientnet_lite2"
     make features DATA_DIR=../shared/data/dogs-vs-cats-sample BACKBONES=offline TTA=flip
     .venv/bin/python scripts/levers.py --data-dir ../shared/data/dogs-vs-cats-sample
 
@@ -22,13 +23,13 @@ from pathlib import Path
 import numpy as np
 
 from dogscats import config, runs, submission
+from dogscats.backbones import offline_backbones
 
 REPO = config.PROJECT_ROOT
 # The rows measured before the input-resolution lever use the Lite models at their native sizes;
 # the resolution rows name BACKBONES=offline (the same models at about 1.27x), last one wins.
 NATIVE = "efficientnet_lite0 efficientnet_lite1 efficientnet_lite2"
 COMMON = [f"BACKBONES={NATIVE}"]
-LARGE = {0: 288, 1: 304, 2: 330}
 ROWS = [
     ("logreg, standardised, flip", ["NORM=standard", "TTA=flip"]),
     ("logreg, standardised, no flip", ["NORM=standard", "TTA=none"]),
@@ -46,11 +47,8 @@ ROWS = [
     ("1.27x input sizes, logreg, ssr_l2, no flip", ["BACKBONES=offline", "TTA=none"]),
     ("1.27x input sizes, logreg, ssr_l2, flip", ["BACKBONES=offline", "TTA=flip"]),
     *(
-        (
-            f"lite{k} at {size} alone, logreg, ssr_l2, no flip",
-            [f"BACKBONES=efficientnet_lite{k}_{size}", "TTA=none"],
-        )
-        for k, size in LARGE.items()
+        (f"{name} alone, logreg, ssr_l2, no flip", [f"BACKBONES={name}", "TTA=none"])
+        for name in offline_backbones()
     ),
 ]
 
