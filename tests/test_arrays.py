@@ -133,7 +133,10 @@ def test_bad_test_file_stops_the_run_naming_each(dataset, tmp_path):
     with pytest.raises(BadInputError) as info:
         preprocess(dataset, SIZE, out_dir=out, workers=2, progress=False)
     assert "2.jpg" in str(info.value) and "4.jpg" in str(info.value)
-    assert not names_in(out) & FINAL_FILES
+    assert "\n" not in str(info.value) and str(out / "report.csv") in str(info.value)
+    assert not names_in(out) & (FINAL_FILES - {"report.csv"})  # the report names them all
+    report = pd.read_csv(out / "report.csv")
+    assert report["file"].tolist() == ["2.jpg", "4.jpg"] and set(report["split"]) == {"test"}
     with pytest.raises(FileNotFoundError, match="make preprocess"):
         load_split(out, "test")
 
@@ -144,11 +147,11 @@ class Interrupt:
     def __init__(self, at: int | None):
         self.at, self.calls = at, []
 
-    def __call__(self, path, size, out=None):
+    def __call__(self, path, size, out=None, **options):
         self.calls.append(Path(path))
         if len(self.calls) == self.at:
             raise KeyboardInterrupt
-        return load_image(path, size, out)
+        return load_image(path, size, out, **options)
 
 
 def test_resume_after_interruption_redoes_only_missing_rows(dataset, tmp_path, monkeypatch):
@@ -171,10 +174,10 @@ def test_resume_after_interruption_redoes_only_missing_rows(dataset, tmp_path, m
 
 
 def test_worker_failure_leaves_no_final_files_and_rerun_completes(dataset, tmp_path, monkeypatch):
-    def fail_on_dog_2(path, size, out=None):  # fork-started workers inherit this patch
+    def fail_on_dog_2(path, size, out=None, **options):  # fork-started workers inherit this
         if Path(path).name == "dog.2.jpg":
             raise RuntimeError("simulated worker crash")
-        return load_image(path, size, out)
+        return load_image(path, size, out, **options)
 
     out = tmp_path / "arrays"
     monkeypatch.setattr(workers, "ROWS_PER_TASK", 2)

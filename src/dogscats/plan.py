@@ -309,11 +309,21 @@ def scan_sources(data_dir: str | os.PathLike) -> tuple[dict, int] | None:
             return None
         lines = []
         for entry in sorted(entries, key=lambda e: e.name):
-            stat = entry.stat()
+            if config.hidden_file(entry.name):
+                continue  # as the stages' listing: a .DS_Store appearing redoes nothing
+            stat = _stat(entry)
             newest = max(newest, stat.st_mtime_ns)
             lines.append(f"{entry.name}\t{stat.st_size}\t{stat.st_mtime_ns}")
         scan[split] = {"files": len(lines), "digest": store.digest("\n".join(lines))}
     return scan, newest
+
+
+def _stat(entry: os.DirEntry) -> os.stat_result:
+    """The file's stat; a dangling symlink's own (preprocessing reports it by name)."""
+    try:
+        return entry.stat()
+    except OSError:
+        return entry.stat(follow_symlinks=False)
 
 
 def refresh_sources_stamp(data_dir: str | os.PathLike, stamp: str | os.PathLike) -> bool:
