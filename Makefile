@@ -97,9 +97,11 @@ preprocess: $(addsuffix /manifest.json,$(ARRAY_DIRS)) | check-plan ## images -> 
 
 features: $(FEATURE_FILES) | check-plan ## GAP features of each of BACKBONES
 
-train: $(RUN_DIR)/metrics.json | check-plan ## cross-validated head on the concatenated features
+# addsuffix: with a bad variable the plan names no run, and make must reach check-plan's error
+# rather than stop at "No rule to make target '/metrics.json'".
+train: $(addsuffix /metrics.json,$(RUN_DIR)) | check-plan ## cross-validated head on the concatenated features
 
-finetune: $(FT_RUN_DIR)/metrics.json | check-plan ## fine-tune BLOCKS top blocks of BACKBONE, per fold
+finetune: $(addsuffix /metrics.json,$(FT_RUN_DIR)) | check-plan ## fine-tune BLOCKS top blocks of BACKBONE, per fold
 
 submission: $(SUBMISSION_FILE) | check-plan ## (default) clipped submission CSV; redoes only what is stale
 	@$(if $(SUBMISSION_MADE),:,echo "$(SUBMISSION_FILE) is up to date: nothing to redo.")

@@ -60,14 +60,17 @@ def test_offline_names_the_three_pypi_backbones():
         ("HEAD=nonsense", "HEAD must be one of"),
     ],
 )
-def test_a_bad_value_stops_make_before_any_work(setting, message):
+@pytest.mark.parametrize("target", ["submission", "train", "finetune", "preprocess"])
+def test_a_bad_value_stops_make_before_any_work(setting, message, target):
     started = time.monotonic()
     result = subprocess.run(
-        ["make", "-C", str(REPO), "submission", setting], capture_output=True, text=True
+        ["make", "-C", str(REPO), target, setting], capture_output=True, text=True
     )
     assert time.monotonic() - started < 5  # the plan's check, not a stage, refused it
     assert result.returncode != 0
-    assert message in result.stderr
+    first = result.stderr.splitlines()[0]  # make's own "*** [check-plan] Error 2" follows
+    assert first.startswith("error: ") and message in first
+    assert "No rule to make target" not in result.stderr
     assert "dogscats.cli" not in result.stdout
 
 
