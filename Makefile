@@ -120,8 +120,11 @@ SCAN_SOURCES := PYTHONPATH=src $(PYTHON) -m dogscats.cli sources --data-dir '$(D
 $(SOURCES_STAMP): FORCE
 	@$(SCAN_SOURCES)
 
+# `check` refuses, before the long decoding, what extraction would refuse after it: DEVICES
+# beyond what the backend sees, ImageNet weights neither on disk nor downloadable.
 $(addsuffix /manifest.json,$(ARRAY_DIRS)): %/manifest.json: $(SOURCES_STAMP) | $(SETUP)
 	$(CLI) data --data-dir '$(DATA_DIR)'
+	$(CLI) check --devices '$(DEVICES)' --weights $(WEIGHTS) --backbones $(ARRAYS_BACKBONES)
 	$(if $(LAYER),$(CLI) layers --check '$(LAYER)' $(BACKBONE_NAMES))
 	@$(SCAN_SOURCES)
 	$(CLI) preprocess --data-dir '$(DATA_DIR)' --size $(notdir $*) --out $* $(if $(WORKERS),--workers $(WORKERS))

@@ -195,6 +195,26 @@ def features_cmd(args):
     )
 
 
+def _check_args(p):
+    p.add_argument("--backbones", nargs="*", default=[], help="the backbones to extract")
+    p.add_argument("--weights", default="imagenet", help="imagenet | random | path")
+    p.add_argument(
+        "--weights-dir",
+        default=os.environ.get("WEIGHTS_DIR") or None,
+        help="folder with the standard Keras *_notop.h5 files (offline)",
+    )
+    p.add_argument("--devices", default="auto", help=config.DEVICES_HELP)
+
+
+@command("check", "before preprocessing: DEVICES on this backend, the backbones' weights at hand")(
+    _check_args
+)
+def check_cmd(args):
+    from dogscats import features
+
+    features.check_ready(args.backbones, args.weights, args.weights_dir, args.devices)
+
+
 def _train_args(p):
     p.add_argument("--features", nargs="+", required=True, help="feature files to concatenate")
     p.add_argument("--out", required=True, help="run folder to write")

@@ -242,6 +242,11 @@ def plan(v: Variables) -> list[str]:
         f"HEAD_NORM := {head_norm}",
         *_blend_lines(v, models),
     ]
+    readers: dict[str, list[str]] = {}  # arrays folder -> the backbones that read it
+    for name in sizes:
+        readers.setdefault(arrays(name), []).append(name)
+    for folder, users in sorted(readers.items()):
+        lines.append(f"{folder}/manifest.json: ARRAYS_BACKBONES := {' '.join(users)}")
     rules = {feature_file(name, v.layer): (name, v.layer) for name in names}
     rules.setdefault(feature_file(v.backbone), (v.backbone, ""))  # fine-tuning's head reads it
     for path, (name, layer) in rules.items():
