@@ -121,10 +121,12 @@ $(SOURCES_STAMP): FORCE
 	@$(SCAN_SOURCES)
 
 # `check` refuses, before the long decoding, what extraction would refuse after it: DEVICES
-# beyond what the backend sees, ImageNet weights neither on disk nor downloadable.
+# beyond what the backend sees, ImageNet weights neither on disk nor downloadable. Not for
+# `make preprocess` alone: it builds the arrays only (offline, say, before the weights come).
+BEYOND_ARRAYS := $(filter-out preprocess,$(or $(MAKECMDGOALS),$(.DEFAULT_GOAL)))
 $(addsuffix /manifest.json,$(ARRAY_DIRS)): %/manifest.json: $(SOURCES_STAMP) | $(SETUP)
 	$(CLI) data --data-dir '$(DATA_DIR)'
-	$(CLI) check --devices '$(DEVICES)' --weights $(WEIGHTS) --backbones $(ARRAYS_BACKBONES)
+	$(if $(BEYOND_ARRAYS),$(CLI) check --devices '$(DEVICES)' --weights $(WEIGHTS) --backbones $(ARRAYS_BACKBONES))
 	$(if $(LAYER),$(CLI) layers --check '$(LAYER)' $(BACKBONE_NAMES))
 	@$(SCAN_SOURCES)
 	$(CLI) preprocess --data-dir '$(DATA_DIR)' --size $(notdir $*) --out $* $(if $(WORKERS),--workers $(WORKERS))

@@ -193,5 +193,13 @@ def test_what_extraction_would_refuse_is_refused_before_preprocessing(tmp_path, 
         assert "dogscats.cli check" in result.stdout
         assert "dogscats.cli preprocess" not in result.stdout
         assert not (config.arrays_dir(data_dir, 224) / "manifest.json").exists()
+        alone = subprocess.run(  # `make preprocess` alone builds arrays, nothing after them
+            ["make", "-n", *command[1:3], "preprocess", *command[4:], *settings],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        assert "dogscats.cli preprocess" in alone.stdout
+        assert "dogscats.cli check" not in alone.stdout
     finally:
         shutil.rmtree(config.dataset_dir(data_dir), ignore_errors=True)
