@@ -155,15 +155,16 @@ def _load_done_mask(
     try:
         with np.load(state) as saved:
             layout, done, stamps = str(saved["layout"]), saved["done"], saved["stamps"]
-            noted = saved["noted"].tolist() if "noted" in saved else []
-            notes = saved["notes"].tolist() if "notes" in saved else []
+            has_notes = "noted" in saved and "notes" in saved
+            noted = saved["noted"].tolist() if has_notes else []
+            notes = dict(zip(noted, saved["notes"].tolist() if has_notes else [], strict=True))
         if layout != listing.layout_key(size) or np.load(path, mmap_mode="r").shape != shape:
             return None
     except (OSError, ValueError, KeyError):
         return None  # a damaged checkpoint only costs a redo
     # A row whose source file changed since it was decoded is redone.
     done = done & np.all(stamps == listing.stamps, axis=1)
-    return done, {row: note for row, note in zip(noted, notes, strict=True) if done[row]}
+    return done, {row: note for row, note in notes.items() if done[row]}
 
 
 def _reserve_blocks(path: Path) -> None:
