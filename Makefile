@@ -97,9 +97,11 @@ preprocess: $(addsuffix /manifest.json,$(ARRAY_DIRS)) | check-plan ## images -> 
 
 features: $(FEATURE_FILES) | check-plan ## GAP features of each of BACKBONES
 
-train: $(RUN_DIR)/metrics.json | check-plan ## cross-validated head on the concatenated features
+# addsuffix: with a bad variable the plan names no run, and make must reach check-plan's error
+# rather than stop at "No rule to make target '/metrics.json'".
+train: $(addsuffix /metrics.json,$(RUN_DIR)) | check-plan ## cross-validated head on the concatenated features
 
-finetune: $(FT_RUN_DIR)/metrics.json | check-plan ## fine-tune BLOCKS top blocks of BACKBONE, per fold
+finetune: $(addsuffix /metrics.json,$(FT_RUN_DIR)) | check-plan ## fine-tune BLOCKS top blocks of BACKBONE, per fold
 
 submission: $(SUBMISSION_FILE) | check-plan ## (default) clipped submission CSV; redoes only what is stale
 	@$(if $(SUBMISSION_MADE),:,echo "$(SUBMISSION_FILE) is up to date: nothing to redo.")
@@ -118,8 +120,13 @@ SCAN_SOURCES := PYTHONPATH=src $(PYTHON) -m dogscats.cli sources --data-dir '$(D
 $(SOURCES_STAMP): FORCE
 	@$(SCAN_SOURCES)
 
+# `check` refuses, before the long decoding, what extraction would refuse after it: DEVICES
+# beyond what the backend sees, ImageNet weights neither on disk nor downloadable. Not for
+# `make preprocess` alone: it builds the arrays only (offline, say, before the weights come).
+BEYOND_ARRAYS := $(filter-out preprocess,$(or $(MAKECMDGOALS),$(.DEFAULT_GOAL)))
 $(addsuffix /manifest.json,$(ARRAY_DIRS)): %/manifest.json: $(SOURCES_STAMP) | $(SETUP)
 	$(CLI) data --data-dir '$(DATA_DIR)'
+	$(if $(BEYOND_ARRAYS),$(CLI) check --devices '$(DEVICES)' --weights $(WEIGHTS) --backbones $(ARRAYS_BACKBONES))
 	$(if $(LAYER),$(CLI) layers --check '$(LAYER)' $(BACKBONE_NAMES))
 	@$(SCAN_SOURCES)
 	$(CLI) preprocess --data-dir '$(DATA_DIR)' --size $(notdir $*) --out $* $(if $(WORKERS),--workers $(WORKERS))

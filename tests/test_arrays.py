@@ -133,7 +133,10 @@ def test_bad_test_file_stops_the_run_naming_each(dataset, tmp_path):
     with pytest.raises(BadInputError) as info:
         preprocess(dataset, SIZE, out_dir=out, workers=2, progress=False)
     assert "2.jpg" in str(info.value) and "4.jpg" in str(info.value)
-    assert not names_in(out) & FINAL_FILES
+    assert "\n" not in str(info.value) and str(out / "report.csv") in str(info.value)
+    assert not names_in(out) & (FINAL_FILES - {"report.csv"})  # the report names them all
+    report = pd.read_csv(out / "report.csv")
+    assert report["file"].tolist() == ["2.jpg", "4.jpg"] and set(report["split"]) == {"test"}
     with pytest.raises(FileNotFoundError, match="make preprocess"):
         load_split(out, "test")
 
@@ -144,11 +147,11 @@ class Interrupt:
     def __init__(self, at: int | None):
         self.at, self.calls = at, []
 
-    def __call__(self, path, size, out=None):
+    def __call__(self, path, size, out=None, **options):
         self.calls.append(Path(path))
         if len(self.calls) == self.at:
             raise KeyboardInterrupt
-        return load_image(path, size, out)
+        return load_image(path, size, out, **options)
 
 
 def test_resume_after_interruption_redoes_only_missing_rows(dataset, tmp_path, monkeypatch):
@@ -171,10 +174,10 @@ def test_resume_after_interruption_redoes_only_missing_rows(dataset, tmp_path, m
 
 
 def test_worker_failure_leaves_no_final_files_and_rerun_completes(dataset, tmp_path, monkeypatch):
-    def fail_on_dog_2(path, size, out=None):  # fork-started workers inherit this patch
+    def fail_on_dog_2(path, size, out=None, **options):  # fork-started workers inherit this
         if Path(path).name == "dog.2.jpg":
             raise RuntimeError("simulated worker crash")
-        return load_image(path, size, out)
+        return load_image(path, size, out, **options)
 
     out = tmp_path / "arrays"
     monkeypatch.setattr(workers, "ROWS_PER_TASK", 2)
@@ -344,3 +347,99 @@ def test_a_cut_manifest_is_named_set_aside_and_rebuilt(dataset, tmp_path):
     made = FINAL_FILES - {"report.csv", "manifest.json"}
     arrays_made = max((out / name).stat().st_mtime_ns for name in made)
     assert (out / "manifest.json").stat().st_mtime_ns == arrays_made
+
+
+# ---------------------------------------------------------------------------------------------
+# Dead ends (issue 23): a run goes on with a report, or stops with one line
+
+
+def test_hidden_files_in_test_and_train_are_ignored(dataset, tmp_path):
+    for split in ("train", "test"):
+        (dataset / split / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+        (dataset / split / "._1.jpg").write_bytes(b"\0\5\26\7 AppleDouble")
+    manifest = preprocess(dataset, SIZE, out_dir=tmp_path / "arrays", workers=1, progress=False)
+    assert manifest["counts"] == {"train": 10, "test": 4} and manifest["reported"] == 0
+    assert pd.read_csv(tmp_path / "arrays" / "report.csv").empty
+
+
+def test_a_dangling_symlink_in_train_is_reported_and_left_out(dataset, tmp_path, capsys):
+    from dogscats import plan
+
+    (dataset / "train" / "cat.9.jpg").symlink_to(tmp_path / "gone.jpg")
+    stamp = tmp_path / "sources.json"
+    assert plan.refresh_sources_stamp(dataset, stamp)  # make's scan of the sources copes too
+    out = tmp_path / "arrays"
+    manifest = preprocess(dataset, SIZE, out_dir=out, workers=1, progress=False)
+    report = pd.read_csv(out / "report.csv")
+    assert report.values.tolist() == [
+        [
+            "cat.9.jpg",
+            "train",
+            f"dangling symlink: its target {tmp_path / 'gone.jpg'} does not exist",
+        ]
+    ]
+    assert manifest["counts"]["train"] == 10 and manifest["reported"] == 1
+    assert f"Left out 1 train file(s), listed in {out / 'report.csv'}: cat.9.jpg" in (
+        capsys.readouterr().out
+    )
+    assert_rows_match_files(out, dataset, "train")
+
+
+def test_a_dangling_symlink_in_test_stops_the_run_in_one_line(dataset, tmp_path):
+    (dataset / "test" / "9.jpg").symlink_to(tmp_path / "gone.jpg")
+    with pytest.raises(BadInputError) as error:
+        preprocess(dataset, SIZE, out_dir=tmp_path / "arrays", workers=1, progress=False)
+    message = str(error.value)
+    assert "\n" not in message and "9.jpg (dangling symlink: its target" in message
+    assert message.startswith("1 test file(s) in ") and not (tmp_path / "arrays").exists()
+
+
+def test_thousands_of_misnamed_train_files_make_one_short_line(dataset, tmp_path, capsys):
+    for i in range(3000):
+        (dataset / "train" / f"img_{i:04d}.jpeg").write_bytes(b"")
+    out = tmp_path / "arrays"
+    manifest = preprocess(dataset, SIZE, out_dir=out, workers=1, progress=False)
+    assert manifest["reported"] == 3000 and len(pd.read_csv(out / "report.csv")) == 3000
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if "Left out" in line]
+    assert line == (
+        f"Left out 3,000 train file(s), listed in {out / 'report.csv'}: img_0000.jpeg, "
+        "img_0001.jpeg, img_0002.jpeg, img_0003.jpeg, img_0004.jpeg and 2,995 more"
+    )
+
+
+def test_tiny_train_images_are_left_out_and_tiny_test_images_kept_with_a_word(
+    dataset, tmp_path, capsys, monkeypatch
+):
+    """Under 16 px a side: a train image is left out (report.csv says why), a test image is
+    decoded and kept (every test id needs a prediction), and report.csv notes it. A run
+    stopped in the test split, after that image, keeps the note on resume."""
+    write_image(dataset / "train" / "cat.7.jpg", seed=7, h=1, w=1)
+    write_image(dataset / "train" / "dog.7.jpg", seed=8, h=15, w=40)
+    write_image(dataset / "train" / "dog.8.jpg", seed=9, h=16, w=16)  # the smallest kept
+    write_image(dataset / "test" / "2.jpg", seed=10, h=1, w=1)
+    out = tmp_path / "arrays"
+    monkeypatch.setattr(workers, "ROWS_PER_TASK", 1)
+    # Calls: 1.jpg, 2.jpg twice (tiny: decoded again without the limit), 3.jpg, then 4.jpg.
+    monkeypatch.setattr(workers, "load_image", Interrupt(at=5))
+    with pytest.raises(KeyboardInterrupt):
+        preprocess(dataset, SIZE, out_dir=out, workers=1, progress=False)
+    assert np.load(out / "test.partial.state.npz")["notes"].tolist() != []
+    monkeypatch.setattr(workers, "load_image", load_image)
+    manifest = preprocess(dataset, SIZE, out_dir=out, workers=1, progress=False)
+    assert manifest["counts"] == {"train": 11, "test": 4} and manifest["reported"] == 3
+    report = pd.read_csv(out / "report.csv")
+    assert report.values.tolist() == [
+        ["cat.7.jpg", "train", "tiny image (1x1, under 16 px a side)"],
+        ["dog.7.jpg", "train", "tiny image (40x15, under 16 px a side)"],
+        ["2.jpg", "test", "tiny image (1x1, under 16 px a side): " + workers.KEPT_TINY],
+    ]
+    index = assert_rows_match_files(out, dataset, "train")
+    assert {"cat.7", "dog.7"}.isdisjoint(index["id"]) and "dog.8" in set(index["id"])
+    test = assert_rows_match_files(out, dataset, "test")
+    assert 2 in set(test["id"])  # predicted like any other test image
+    printed = capsys.readouterr().out
+    assert "Left out 2 train file(s)" in printed
+    assert (
+        f"Kept 1 tiny test image(s) (under 16 px a side), predicted from their upscaled "
+        f"pixels, listed in {out / 'report.csv'}: 2.jpg" in printed
+    )

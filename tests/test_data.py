@@ -157,3 +157,65 @@ def test_a_read_only_data_dir_with_zips_says_what_to_do(tmp_path, monkeypatch, h
     finally:
         tmp_path.chmod(0o755)
     assert not (tmp_path / "train").exists() and not list(tmp_path.glob(".extract-*"))
+
+
+# --- dead ends named as such (issue 23) ---------------------------------------------------------
+
+
+def test_hidden_files_are_skipped_in_both_splits(tmp_path):
+    touch(tmp_path / "train", "cat.1.jpg", "dog.1.jpg", ".DS_Store", "._cat.1.jpg")
+    touch(tmp_path / "test", "1.jpg", ".DS_Store", "._1.jpg", ".1.jpg.swp")
+    frame, rejects = scan_split(tmp_path, "train")
+    assert frame["file"].tolist() == ["cat.1.jpg", "dog.1.jpg"] and rejects == []
+    assert scan_split(tmp_path, "test")[0]["file"].tolist() == ["1.jpg"]
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_split_unzipped_one_folder_too_deep_is_named(tmp_path, split):
+    name = "cat.1.jpg" if split == "train" else "1.jpg"
+    touch(tmp_path / split / split, name)
+    with pytest.raises(BadInputError) as error:
+        scan_split(tmp_path, split)
+    folder = tmp_path / split
+    assert str(error.value) == (
+        f"{folder} holds no {data.PATTERNS[split]} images, but {folder / split} does: the zip "
+        f"was unpacked one folder too deep. Move that folder up: mv {folder} {folder}.outer && "
+        f"mv {folder}.outer/{split} {folder} && rmdir {folder}.outer"
+    )
+
+
+def test_a_folder_among_train_images_is_reported_as_a_folder(tmp_path):
+    touch(tmp_path / "train", "cat.1.jpg")
+    (tmp_path / "train" / "dog.2.jpg").mkdir()
+    assert scan_split(tmp_path, "train")[1] == [("dog.2.jpg", data.FOLDER_REASON)]
+
+
+def test_thousands_of_misnamed_test_files_make_one_short_line(tmp_path):
+    touch(tmp_path / "test", "1.jpg", *(f"img_{i:04d}.jpeg" for i in range(3000)))
+    with pytest.raises(BadInputError) as error:
+        scan_split(tmp_path, "test")
+    message = str(error.value)
+    assert "\n" not in message and len(message) < 300
+    assert message.endswith(
+        "img_0000.jpeg, img_0001.jpeg, img_0002.jpeg, img_0003.jpeg, img_0004.jpeg and 2,995 more"
+    )
+    assert message.startswith("test/ holds 3,000 file(s) not named N.jpg")
+
+
+@pytest.mark.parametrize("missing", ["test", "train"])
+def test_a_missing_split_beside_the_other_is_named(tmp_path, monkeypatch, missing):
+    there = "train" if missing == "test" else "test"
+    touch(tmp_path / there, "cat.1.jpg" if there == "train" else "1.jpg")
+    monkeypatch.setattr(data.shutil, "which", lambda name: None)
+    with pytest.raises(DataMissingError) as error:
+        ensure_data(tmp_path)
+    root = tmp_path.resolve()
+    assert str(error.value).startswith(f"{root / missing} is missing ({root / there} is there)")
+    assert "\n" not in str(error.value)
+
+
+def test_a_missing_test_folder_comes_from_test_zip_alone(tmp_path):
+    touch(tmp_path / "train", "cat.0.jpg")
+    make_zip(tmp_path / "test.zip", {"test/1.jpg": b"t"})
+    ensure_data(tmp_path)
+    assert [p.name for p in (tmp_path / "test").iterdir()] == ["1.jpg"]

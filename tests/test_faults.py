@@ -179,3 +179,93 @@ def test_train_stopped_at_random_folds_resumes_to_the_same_run(tmp_path, monkeyp
         assert metrics.pop("wall_s") >= 0 and expected.pop("wall_s") >= 0  # the clock differs
         assert metrics == expected
         assert pd.read_csv(out / "oof.csv")["fold"].nunique() == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C, kill and a closed terminal in `dogscats.cli preprocess` (a pool of workers)
+
+SLOW_PREPROCESS = """
+import sys, time
+from dogscats.arrays import stage, workers
+from dogscats.arrays.decode import load_image
+
+def slow(*args, **kwargs):  # fork-started workers inherit this: the run lasts seconds
+    time.sleep(0.05)
+    return load_image(*args, **kwargs)
+
+workers.load_image, workers.ROWS_PER_TASK, stage.CHECKPOINT_SECONDS = slow, 2, 0
+from dogscats import cli
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def _stopped_preprocess(data_dir, out, signum: int, whole_group: bool):
+    """`dogscats.cli preprocess` with two workers, sent `signum` once rows are checkpointed:
+    to its whole process group, as a terminal sends Ctrl-C and its hangup, or to the process
+    alone, as `kill` does."""
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    command = [sys.executable, "-c", SLOW_PREPROCESS, "preprocess", "--data-dir", str(data_dir)]
+    command += ["--size", str(SIZE), "--out", str(out), "--workers", "2"]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    child = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while not (out / "test.partial.state.npz").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # a few tasks more: some rows in, most still to do
+    (os.killpg if whole_group else os.kill)(child.pid, signum)
+    stdout, stderr = child.communicate(timeout=60)
+    return child.returncode, stdout, stderr
+
+
+@pytest.mark.parametrize(
+    ("signum", "whole_group", "word"),
+    [
+        (signal.SIGINT, True, "interrupted"),
+        (signal.SIGTERM, False, "SIGTERM"),
+        (signal.SIGHUP, True, "SIGHUP"),
+    ],
+    ids=["ctrl-c", "kill", "hangup"],
+)
+def test_a_stopped_preprocess_says_one_line_and_resumes(tmp_path, signum, whole_group, word):
+    data_dir = write_kaggle_dataset(tmp_path / "comp", 20, 20, size=24)
+    out = tmp_path / "arrays"
+    code, _, stderr = _stopped_preprocess(data_dir, out, signum, whole_group)
+    assert code == 128 + signum, stderr[-2000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    lines = [line for line in stderr.splitlines() if line.strip() and "img/s" not in line]
+    assert lines == [
+        f"{word}: `preprocess` stopped; run the same command again to resume (finished work "
+        "is kept, no half-written file has a final name)."
+    ], stderr[-2000:]
+    assert not (out / "manifest.json").exists()
+    kept = sum(int(np.load(path)["done"].sum()) for path in out.glob("*.partial.state.npz"))
+    assert 0 < kept < 60  # the checkpoint written on the way out holds the rows decoded so far
+    counter = []
+    real = workers.load_image
+
+    def counting(*args, **kwargs):
+        counter.append(args[0])
+        return real(*args, **kwargs)
+
+    workers.load_image = counting
+    try:
+        arrays.preprocess(data_dir, SIZE, out_dir=out, workers=1, progress=False)
+    finally:
+        workers.load_image = real
+    assert len(counter) <= 60 - kept  # only what was not decoded before the signal
+    fresh = tmp_path / "fresh"
+    arrays.preprocess(data_dir, SIZE, out_dir=fresh, workers=1, progress=False)
+    for name in ARRAY_FILES:
+        assert (out / name).read_bytes() == (fresh / name).read_bytes()

@@ -53,6 +53,10 @@ class WeightsHost:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def do_HEAD(self):  # noqa: N802 (http.server's name)
+                self.send_response(200 if self.path in files else 404)
+                self.end_headers()
+
             def log_message(self, *args):
                 pass
 
@@ -176,3 +180,37 @@ def test_we_request_the_url_the_keras_builder_requests(name, host, monkeypatch, 
     with pytest.raises(backbones.WeightsUnavailableError):
         backbones.resolve_keras_weights(spec)
     assert host.requests == [expected]
+
+
+def test_the_check_before_preprocessing_finds_the_file_or_a_server_and_downloads_nothing(
+    host, source, random_file, tmp_path, monkeypatch
+):
+    """`make`'s arrays rule runs check_keras_weights first: weights in WEIGHTS_DIR, in Keras's
+    cache (hash-checked) or on a server that answers pass; otherwise one line, before the
+    arrays are built. The real origin is put on the local host here."""
+    spec, body = backbones.get_backbone(NAME), random_file[1]
+    path = urllib.parse.urlsplit(source.origin).path
+    local = dataclasses.replace(source, origin=f"http://127.0.0.1:{host.server.server_port}{path}")
+    monkeypatch.setattr(weights_module, "_learn", lambda builder, size: local)
+    with pytest.raises(backbones.WeightsUnavailableError) as error:
+        weights_module.check_keras_weights(spec)  # nowhere on disk, and the server lacks it
+    message = str(error.value)
+    assert "\n" not in message and source.fname in message and "404" in message
+    assert "BACKBONES=offline" in message
+
+    _serve(host, source, body)
+    weights_module.check_keras_weights(spec)  # downloadable
+    cached = tmp_path / "keras_home" / "models" / source.fname
+    assert not cached.exists() and host.requests == []  # checked, not downloaded
+
+    host.files.clear()
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(body)
+    weights_module.check_keras_weights(spec)  # in Keras's cache
+    cached.write_bytes(body[:1000])
+    with pytest.raises(backbones.WeightsUnavailableError, match="404"):
+        weights_module.check_keras_weights(spec)  # a cut cache file would be downloaded again
+    folder = tmp_path / "weights_dir"
+    folder.mkdir()
+    (folder / source.fname).write_bytes(body)
+    weights_module.check_keras_weights(spec, str(folder))  # WEIGHTS_DIR

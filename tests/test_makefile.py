@@ -60,14 +60,17 @@ def test_offline_names_the_three_pypi_backbones():
         ("HEAD=nonsense", "HEAD must be one of"),
     ],
 )
-def test_a_bad_value_stops_make_before_any_work(setting, message):
+@pytest.mark.parametrize("target", ["submission", "train", "finetune", "preprocess"])
+def test_a_bad_value_stops_make_before_any_work(setting, message, target):
     started = time.monotonic()
     result = subprocess.run(
-        ["make", "-C", str(REPO), "submission", setting], capture_output=True, text=True
+        ["make", "-C", str(REPO), target, setting], capture_output=True, text=True
     )
     assert time.monotonic() - started < 5  # the plan's check, not a stage, refused it
     assert result.returncode != 0
-    assert message in result.stderr
+    first = result.stderr.splitlines()[0]  # make's own "*** [check-plan] Error 2" follows
+    assert first.startswith("error: ") and message in first
+    assert "No rule to make target" not in result.stderr
     assert "dogscats.cli" not in result.stdout
 
 
@@ -156,5 +159,47 @@ def test_make_sees_an_image_replaced_in_place(tmp_path):
         dog = index["file"].tolist().index("dog.3.jpg")
         assert np.array_equal(images[row], images[dog])
         assert "dogscats.cli preprocess" not in make("preprocess", *settings).stdout
+    finally:
+        shutil.rmtree(config.dataset_dir(data_dir), ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (["DEVICES=99", "WEIGHTS=random"], "error: DEVICES=99, but "),
+        (["WEIGHTS=imagenet"], "error: ImageNet weights for 'resnet50' are not available: "),
+    ],
+    ids=["devices", "offline-weights"],
+)
+def test_what_extraction_would_refuse_is_refused_before_preprocessing(tmp_path, settings, message):
+    """DEVICES beyond what the backend sees, and ImageNet weights neither on disk nor
+    downloadable (an empty KERAS_HOME, every download sent to a closed local port): one
+    line from the arrays rule's `check`, before any image is decoded."""
+    import os
+
+    data_dir = write_kaggle_dataset(tmp_path / "comp", n_train=4, n_test=3)
+    closed = "http://127.0.0.1:9"  # the discard port: nothing listens, as with no network
+    env = {**os.environ, "KERAS_HOME": str(tmp_path / "keras_home"), "WEIGHTS_DIR": ""}
+    env.update(https_proxy=closed, HTTPS_PROXY=closed, http_proxy=closed, HTTP_PROXY=closed)
+    command = ["make", "-C", str(REPO), "features", f"DATA_DIR={data_dir}", "BACKBONES=resnet50"]
+    command.append("FOLDS=2")
+    try:
+        result = subprocess.run(
+            [*command, *settings], capture_output=True, text=True, env=env, timeout=300
+        )
+        assert result.returncode != 0
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and errors[0].startswith(message), result.stderr[-2000:]
+        assert "dogscats.cli check" in result.stdout
+        assert "dogscats.cli preprocess" not in result.stdout
+        assert not (config.arrays_dir(data_dir, 224) / "manifest.json").exists()
+        alone = subprocess.run(  # `make preprocess` alone builds arrays, nothing after them
+            ["make", "-n", *command[1:3], "preprocess", *command[4:], *settings],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        assert "dogscats.cli preprocess" in alone.stdout
+        assert "dogscats.cli check" not in alone.stdout
     finally:
         shutil.rmtree(config.dataset_dir(data_dir), ignore_errors=True)

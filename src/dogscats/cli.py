@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 
 from dogscats import config
@@ -193,6 +195,26 @@ def features_cmd(args):
     )
 
 
+def _check_args(p):
+    p.add_argument("--backbones", nargs="*", default=[], help="the backbones to extract")
+    p.add_argument("--weights", default="imagenet", help="imagenet | random | path")
+    p.add_argument(
+        "--weights-dir",
+        default=os.environ.get("WEIGHTS_DIR") or None,
+        help="folder with the standard Keras *_notop.h5 files (offline)",
+    )
+    p.add_argument("--devices", default="auto", help=config.DEVICES_HELP)
+
+
+@command("check", "before preprocessing: DEVICES on this backend, the backbones' weights at hand")(
+    _check_args
+)
+def check_cmd(args):
+    from dogscats import features
+
+    features.check_ready(args.backbones, args.weights, args.weights_dir, args.devices)
+
+
 def _train_args(p):
     p.add_argument("--features", nargs="+", required=True, help="feature files to concatenate")
     p.add_argument("--out", required=True, help="run folder to write")
@@ -351,23 +373,53 @@ def user_message(error: BaseException) -> str:
     return text or type(error).__name__
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP as an interruption: the stage stops as on Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+# `kill` and a closed terminal: their default action ends the process on the spot, so a stage's
+# `finally` (preprocessing's checkpoint of its decoded rows) would never run.
+_STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
+
+
+def _raise_stopped(signum: int, frame) -> None:
+    raise Stopped(signum)
+
+
+def _stopping_on_signals() -> dict:
+    """Turn SIGTERM and SIGHUP into Stopped; the handlers before, to restore."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}  # only the main thread may set handlers
+    return {signum: signal.signal(signum, _raise_stopped) for signum in _STOP_SIGNALS}
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run one subcommand. A user error ends with one `error:` line and exit status 2, and
-    Ctrl-C with a line saying that a re-run resumes (130); DEBUG=1 shows the traceback."""
+    """Run one subcommand. A user error ends with one `error:` line and exit status 2; Ctrl-C,
+    SIGTERM and SIGHUP with a line saying that a re-run resumes (128 + the signal's number);
+    DEBUG=1 shows the traceback."""
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out
     debug = os.environ.get("DEBUG", "") not in ("", "0")
+    before = _stopping_on_signals()
     try:
         args.func(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         if debug:
             raise
+        signum = stop.signum if isinstance(stop, Stopped) else signal.SIGINT
+        how = "interrupted" if signum == signal.SIGINT else signal.Signals(signum).name
         print(
-            f"\ninterrupted: `{args.command}` stopped; run the same command again to resume "
+            f"\n{how}: `{args.command}` stopped; run the same command again to resume "
             "(finished work is kept, no half-written file has a final name).",
             file=sys.stderr,
         )
-        return 130
+        return 128 + signum
     except USER_ERRORS as error:
         if debug:
             raise
@@ -377,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.flush()
             os._exit(2)
         return 2
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
     return 0
 
 

@@ -36,6 +36,14 @@ AUGMENTS = ("flip", "full")
 # Kaggle's file names: train/cat.N.jpg, train/dog.N.jpg (label from the name), test/N.jpg (id).
 TRAIN_NAME = re.compile(r"(cat|dog)\.(\d+)\.jpg")
 TEST_NAME = re.compile(r"(\d+)\.jpg")
+
+
+def hidden_file(name: str) -> bool:
+    """Hidden files (.DS_Store, macOS's ._N.jpg, editors' swap files) are no competition
+    images: every listing of train/ and test/ (the stages' and make's stamp) skips them."""
+    return name.startswith(".")
+
+
 REPORT_IMAGES = 48  # make report's K: thumbnails per gallery
 
 DEVICES_HELP = "auto (every accelerator, else the CPU), cpu, or a number of devices"

@@ -17,10 +17,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dogscats.config import CAT, COMPETITION, DOG, TEST_NAME, TRAIN_NAME
+from dogscats.config import CAT, COMPETITION, DOG, TEST_NAME, TRAIN_NAME, hidden_file
+from dogscats.messages import some_names
 from dogscats.store import SPLITS
 
 TRAIN_NAME_REASON = "name does not match cat.N.jpg / dog.N.jpg"
+FOLDER_REASON = "a folder, not an image file"
+PATTERNS = {"train": "cat.N.jpg / dog.N.jpg", "test": "N.jpg"}
+NAMES = {"train": TRAIN_NAME, "test": TEST_NAME}
 LABELS = {"cat": CAT, "dog": DOG}
 
 
@@ -54,21 +58,51 @@ def scan_split(
 
     train: cat.N.jpg -> label 0, dog.N.jpg -> label 1, id "cat.N"; other names are rejected,
     never guessed at. test: N.jpg -> id N, label -1; any other name raises BadInputError since a
-    submission needs exactly the Kaggle ids. Rows are sorted (label, N) / N for a fixed order.
-    `file` is the name inside the split folder.
+    submission needs exactly the Kaggle ids. Hidden files are skipped. Rows are sorted
+    (label, N) / N for a fixed order. `file` is the name inside the split folder.
     """
-    names = sorted(entry.name for entry in os.scandir(_split_dir(data_dir, split)))
+    folder = _split_dir(data_dir, split)
+    with os.scandir(folder) as entries:
+        found = {entry.name: _is_folder(entry) for entry in entries if not hidden_file(entry.name)}
+    names = sorted(found)
+    _check_not_nested(folder, split, names)
     if split == "train":
-        return _scan_train(names)
+        return _scan_train(names, {name for name, folder in found.items() if folder})
     return _scan_test(names), []
 
 
-def _scan_train(names: list[str]) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+def _is_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _check_not_nested(folder: Path, split: str, names: list[str]) -> None:
+    """Some unzip tools leave train/train/*.jpg: name that, rather than "no images"."""
+    if any(NAMES[split].fullmatch(name) for name in names):
+        return
+    inner = folder / split
+    try:
+        nested = any(NAMES[split].fullmatch(name) for name in os.listdir(inner))
+    except OSError:
+        return
+    if nested:
+        raise BadInputError(
+            f"{folder} holds no {PATTERNS[split]} images, but {inner} does: the zip was "
+            f"unpacked one folder too deep. Move that folder up: mv {folder} {folder}.outer "
+            f"&& mv {folder}.outer/{split} {folder} && rmdir {folder}.outer"
+        )
+
+
+def _scan_train(
+    names: list[str], folders: set[str] = frozenset()
+) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     rows, rejects = [], []
     for name in names:
         match = TRAIN_NAME.fullmatch(name)
-        if match is None:
-            rejects.append((name, TRAIN_NAME_REASON))
+        if match is None or name in folders:
+            rejects.append((name, FOLDER_REASON if name in folders else TRAIN_NAME_REASON))
             continue
         animal, number = match.groups()
         rows.append((LABELS[animal], int(number), name[: -len(".jpg")], name))
@@ -83,14 +117,14 @@ def _scan_test(names: list[str]) -> pd.DataFrame:
     odd = [name for name in names if TEST_NAME.fullmatch(name) is None]
     if odd:
         raise BadInputError(
-            f"test/ holds {len(odd)} file(s) not named N.jpg (every test file must be a Kaggle "
-            f"id): {', '.join(odd)}"
+            f"test/ holds {len(odd):,} file(s) not named N.jpg (every test file must be a "
+            f"Kaggle id; move the others out): {some_names(odd)}"
         )
     ids = sorted((int(name[: -len(".jpg")]), name) for name in names)
     frame = pd.DataFrame([(i, -1, name) for i, name in ids], columns=["id", "label", "file"])
     duplicated = frame.loc[frame["id"].duplicated(keep=False), "file"].tolist()
     if duplicated:
-        raise BadInputError(f"test/ holds files with the same id: {', '.join(duplicated)}")
+        raise BadInputError(f"test/ holds files with the same id: {some_names(duplicated)}")
     return frame.astype({"id": np.int64, "label": np.int64, "file": str})
 
 
@@ -114,6 +148,7 @@ def ensure_data(data_dir: str | os.PathLike) -> Path:
         print(f"Data present: {root}/train and {root}/test")
         _warn_missing_sample(root)
         return root
+    _check_half_present(root)
     if not _zips_present(root):
         _check_writable(root, "download the competition into it")
         _kaggle_download(root)
@@ -126,6 +161,25 @@ def ensure_data(data_dir: str | os.PathLike) -> Path:
     print(f"Data ready: {root}/train and {root}/test")
     _warn_missing_sample(root)
     return root
+
+
+def _missing_splits(root: Path) -> list[str]:
+    return [split for split in SPLITS if not (root / split).is_dir()]
+
+
+def _check_half_present(root: Path) -> None:
+    """train/ there but test/ not (or the other way round), and no zip for it: name the
+    missing folder, rather than ask for the whole download."""
+    missing = _missing_splits(root)
+    if len(missing) == len(SPLITS) or _zips_present(root):
+        return
+    (split,) = missing
+    there = "test" if split == "train" else "train"
+    raise DataMissingError(
+        f"{root / split} is missing ({root / there} is there): put the Kaggle {split}/ folder "
+        f"({PATTERNS[split]} files) there, or {split}.zip or {OUTER_ZIP} in {root} for "
+        "`make data` to unzip"
+    )
 
 
 def _check_writable(root: Path, what: str) -> None:
@@ -144,8 +198,9 @@ def _warn_missing_sample(root: Path) -> None:
 
 
 def _zips_present(root: Path) -> bool:
+    """The competition zip, or the zip of every split whose folder is missing."""
     return (root / OUTER_ZIP).is_file() or all(
-        (root / f"{split}.zip").is_file() for split in SPLITS
+        (root / f"{split}.zip").is_file() for split in _missing_splits(root)
     )
 
 
@@ -153,19 +208,19 @@ def _extract_zips(root: Path) -> None:
     outer = root / OUTER_ZIP
     with tempfile.TemporaryDirectory(dir=root, prefix=".extract-") as tmp:
         work = Path(tmp)
-        inner = {split: root / f"{split}.zip" for split in SPLITS}
+        missing = _missing_splits(root)
+        inner = {split: root / f"{split}.zip" for split in missing}
         if not all(path.is_file() for path in inner.values()) and outer.is_file():
             print(f"Extracting {outer}")
             _safe_extract(outer, work)
-            inner = {split: work / f"{split}.zip" for split in SPLITS}
+            inner = {split: work / f"{split}.zip" for split in missing}
             sample = work / "sample_submission.csv"
             if sample.is_file() and not (root / sample.name).exists():
                 os.replace(sample, root / sample.name)
         for split, archive in inner.items():
             if not archive.is_file():
                 raise DataMissingError(f"{archive.name} not found.\n" + _instructions(root))
-            if not (root / split).is_dir():
-                _extract_split(archive, split, work / f"{split}-files", root / split)
+            _extract_split(archive, split, work / f"{split}-files", root / split)
 
 
 def _extract_split(archive: Path, split: str, work: Path, target: Path) -> None:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dogscats import store
+from dogscats import config, store
+from dogscats.messages import some_names
 
 SUFFIX = ".jpg"  # train ids are the file names without it (features' `ids`)
 
@@ -33,19 +34,28 @@ def write_list(path: str | os.PathLike, names: list[str], header: str = "") -> P
     return store.write_text(path, comments + "".join(f"{name}\n" for name in names))
 
 
-def excluded_rows(train_ids: np.ndarray, path: str | os.PathLike) -> np.ndarray:
-    """Boolean mask of the train rows the list names; names not among them are refused."""
+def excluded_rows(train_ids: np.ndarray, path: str | os.PathLike, log=print) -> np.ndarray:
+    """Boolean mask of the train rows the list names.
+
+    A line that is no train file name (cat.N.jpg / dog.N.jpg) is refused. A well-formed name
+    absent from these rows is counted and skipped in one line: the shipped list names files of
+    the full train set, and a subset (the shared sample, a split) holds only some of them.
+    """
     names = read_list(path)
+    malformed = [name for name in names if not config.TRAIN_NAME.fullmatch(name)]
+    if malformed:
+        raise ValueError(
+            f"EXCLUDE={path} holds {len(malformed):,} line(s) that are not train file names "
+            f"(cat.N.jpg / dog.N.jpg): {some_names(malformed)}. Fix or remove those lines."
+        )
     ids = [name.removesuffix(SUFFIX) for name in names]
     known = set(np.asarray(train_ids).astype(str))
-    unknown = [name for name, id_ in zip(names, ids) if id_ not in known]
-    if unknown:
-        shown = ", ".join(unknown[:10]) + (
-            f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
-        )
-        raise ValueError(
-            f"EXCLUDE={path} names {len(unknown)} file(s) that are not train images of this "
-            f"data set: {shown}. Keep only the lines naming files in DATA_DIR/train."
+    absent = [name for name, id_ in zip(names, ids, strict=True) if id_ not in known]
+    if absent:
+        log(
+            f"EXCLUDE={path}: skipped {len(absent):,} of its {len(names):,} names, not train "
+            f"images of this data set (not in DATA_DIR/train, or left out by preprocessing): "
+            f"{some_names(absent)}"
         )
     return np.isin(np.asarray(train_ids).astype(str), ids)
 

@@ -27,7 +27,8 @@ import numpy as np
 from dogscats import arrays, config, store
 from dogscats.backbones import BackboneSpec, build_backbone, get_backbone, resolve_keras_weights
 from dogscats.backbones import layers as backbone_layers
-from dogscats.forward import Forward, make_forward, place, run_forward
+from dogscats.backbones.weights import check_keras_weights
+from dogscats.forward import Forward, check_devices, make_forward, place, run_forward
 from dogscats.store import SPLITS
 
 # ImageNet-1k class ranges used by the zero-shot head: dogs 151-268, cats 281-285.
@@ -250,6 +251,26 @@ def _verify_split(handle, split: str, rows: int, damaged) -> None:
             if (~block.any(axis=1)).any():
                 row = first + int(np.flatnonzero(~block.any(axis=1))[0])
                 raise damaged(f"{split}/{name} row {row} is all zeros (never written)")
+
+
+def check_ready(
+    backbones: list[str],
+    weights: str = "imagenet",
+    weights_dir: str | None = None,
+    devices: str = "auto",
+) -> None:
+    """What extraction needs beyond the arrays, checked before they are built (make's arrays
+    rule runs this first): DEVICES on this backend, and each keras.applications backbone's
+    ImageNet weights on disk or downloadable. A typo in DEVICES or an offline machine then
+    stops in seconds, not after minutes of preprocessing. Keras starts only when a count of
+    devices or Keras weights are to be checked."""
+    check_devices(devices)
+    if weights != "imagenet":
+        return
+    for name in backbones:
+        spec = get_backbone(name)
+        if spec.weights_source == "keras":
+            check_keras_weights(spec, weights_dir)
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -78,6 +78,24 @@ def place(devices: str = "auto") -> Placement:
     return Placement(backend, available, distribution=_one_device(backend, available[0]))
 
 
+def check_devices(devices: str = "auto") -> None:
+    """Refuse DEVICES=N beyond what the backend sees, before any long work (make runs it ahead
+    of preprocessing). `auto`, `cpu` and 1 always fit: the backend is not even started."""
+    try:
+        wanted = config.parse_devices(devices)
+    except ValueError as error:
+        raise DeviceError(str(error)) from None
+    if not isinstance(wanted, int) or wanted == 1:
+        return
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "torch":
+        _place_torch(wanted)
+    else:
+        _choose(backend, wanted)
+
+
 def _choose(backend: str, wanted: str | int) -> list[str]:
     """The devices to use, from what Keras lists for the backend: its accelerators, else its
     CPU devices (one, unless a test split the CPU). `auto` takes every accelerator, else one
@@ -90,7 +108,8 @@ def _choose(backend: str, wanted: str | int) -> list[str]:
     if isinstance(wanted, int):
         if wanted > len(available):
             raise DeviceError(
-                f"DEVICES={wanted}, but {backend} sees {len(available)}: {', '.join(available)}."
+                f"DEVICES={wanted}, but {backend} sees {len(available)}: {', '.join(available)}. "
+                f"Use DEVICES=auto, or a count up to {len(available)}."
             )
         return available[:wanted]
     return available if not available[0].startswith("cpu") else available[:1]

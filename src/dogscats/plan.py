@@ -242,6 +242,11 @@ def plan(v: Variables) -> list[str]:
         f"HEAD_NORM := {head_norm}",
         *_blend_lines(v, models),
     ]
+    readers: dict[str, list[str]] = {}  # arrays folder -> the backbones that read it
+    for name in sizes:
+        readers.setdefault(arrays(name), []).append(name)
+    for folder, users in sorted(readers.items()):
+        lines.append(f"{folder}/manifest.json: ARRAYS_BACKBONES := {' '.join(users)}")
     rules = {feature_file(name, v.layer): (name, v.layer) for name in names}
     rules.setdefault(feature_file(v.backbone), (v.backbone, ""))  # fine-tuning's head reads it
     for path, (name, layer) in rules.items():
@@ -309,11 +314,21 @@ def scan_sources(data_dir: str | os.PathLike) -> tuple[dict, int] | None:
             return None
         lines = []
         for entry in sorted(entries, key=lambda e: e.name):
-            stat = entry.stat()
+            if config.hidden_file(entry.name):
+                continue  # as the stages' listing: a .DS_Store appearing redoes nothing
+            stat = _stat(entry)
             newest = max(newest, stat.st_mtime_ns)
             lines.append(f"{entry.name}\t{stat.st_size}\t{stat.st_mtime_ns}")
         scan[split] = {"files": len(lines), "digest": store.digest("\n".join(lines))}
     return scan, newest
+
+
+def _stat(entry: os.DirEntry) -> os.stat_result:
+    """The file's stat; a dangling symlink's own (preprocessing reports it by name)."""
+    try:
+        return entry.stat()
+    except OSError:
+        return entry.stat(follow_symlinks=False)
 
 
 def refresh_sources_stamp(data_dir: str | os.PathLike, stamp: str | os.PathLike) -> bool:

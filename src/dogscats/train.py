@@ -162,7 +162,7 @@ def train(
     began = time.monotonic()
     estimator = make_head(head, seed, normalise)
     data = load_feature_set(feature_files, tta)
-    excluded = exclude_list.excluded_rows(data.train_ids, exclude) if exclude else None
+    excluded = exclude_list.excluded_rows(data.train_ids, exclude, log) if exclude else None
     folds = make_folds(data.y, n_folds, seed)  # of every row: the same folds as without EXCLUDE
     log(
         f"{head} head on {data.train.shape[1]} features x {len(data.y)} images, "

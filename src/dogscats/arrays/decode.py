@@ -22,6 +22,9 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_IEND = b"IEND"
 # Color decode straight to RGB where OpenCV has it (>= 4.11): saves a cvtColor per image.
 _IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
+# Below this many pixels a side an image shows no animal, only a blur of colour once resized
+# to the input size; README ("What can go wrong") says why 16 (preprocessing passes it).
+MIN_SIDE = 16
 
 
 class BadImageError(ValueError):
@@ -34,6 +37,10 @@ class BadImageError(ValueError):
 
     def __reduce__(self):  # picklable across worker processes despite the two-argument init
         return type(self), (self.path, self.reason)
+
+
+class TinyImageError(BadImageError):
+    """An image that decodes, but with a side under the minimum asked for."""
 
 
 _MUTED_STDERR: tuple[int, int] | None = None  # (/dev/null fd, saved fd 2) once muted
@@ -108,8 +115,9 @@ def decode_bytes(data: bytes, path: str | os.PathLike = "<bytes>") -> np.ndarray
     return rgb
 
 
-def decode_image(path: str | os.PathLike) -> np.ndarray:
-    """Read one image file as (H, W, 3) uint8 RGB; raise BadImageError when it is unusable.
+def decode_image(path: str | os.PathLike, min_side: int = 0) -> np.ndarray:
+    """Read one image file as (H, W, 3) uint8 RGB; raise BadImageError when it is unusable,
+    TinyImageError when a side is under `min_side` pixels.
 
     Bytes are read by Python (not cv2.imread) so read errors surface with a reason, PNG bytes
     behind a .jpg name decode by content, and the truncation check can search the raw bytes.
@@ -118,7 +126,11 @@ def decode_image(path: str | os.PathLike) -> np.ndarray:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise BadImageError(path, f"cannot read file: {exc.strerror or exc}") from exc
-    return decode_bytes(data, path)
+    rgb = decode_bytes(data, path)
+    height, width = rgb.shape[:2]
+    if min(height, width) < min_side:
+        raise TinyImageError(path, f"tiny image ({width}x{height}, under {min_side} px a side)")
+    return rgb
 
 
 def resize_image(rgb: np.ndarray, size: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -134,6 +146,8 @@ def resize_image(rgb: np.ndarray, size: int, out: np.ndarray | None = None) -> n
     return out
 
 
-def load_image(path: str | os.PathLike, size: int, out: np.ndarray | None = None) -> np.ndarray:
+def load_image(
+    path: str | os.PathLike, size: int, out: np.ndarray | None = None, min_side: int = 0
+) -> np.ndarray:
     """decode_image + resize_image: one model-ready uint8 RGB square (into `out` if given)."""
-    return resize_image(decode_image(path), size, out)
+    return resize_image(decode_image(path, min_side), size, out)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from dogscats.arrays.sources import Listing
-from dogscats.arrays.workers import Task, make_tasks
+from dogscats.arrays.workers import RowResult, Task, make_tasks
 from dogscats.store import atomic_write, fsync_file, partial_path, remove
 
 COPY_BLOCK_BYTES = 64 << 20  # compaction copies at most this much at a time
@@ -69,6 +69,7 @@ class SplitJob:
     offset: int  # its header length: row r starts at offset + r * row_bytes
     done: np.ndarray  # per row: decoded and written
     bad: dict[int, str] = field(default_factory=dict)  # row -> why its file is unusable
+    notes: dict[int, str] = field(default_factory=dict)  # written row -> a word on it (tiny)
 
     @property
     def todo(self) -> int:
@@ -79,14 +80,18 @@ class SplitJob:
         """Pool tasks for every row not done yet."""
         files = self.listing.frame["file"].tolist()  # one conversion, not a lookup per row
         rows = [(row, files[row]) for row in np.flatnonzero(~self.done).tolist()]
-        return make_tasks(str(self.path), self.offset, str(self.listing.folder), self.size, rows)
+        keep_tiny = self.listing.split == "test"
+        folder = str(self.listing.folder)
+        return make_tasks(str(self.path), self.offset, folder, self.size, rows, keep_tiny)
 
-    def record(self, results: list[tuple[int, str | None]]) -> None:
-        for row, reason in results:
-            if reason is None:
-                self.done[row] = True
-            else:
+    def record(self, results: list[RowResult]) -> None:
+        for row, written, reason in results:
+            if not written:
                 self.bad[row] = reason
+                continue
+            self.done[row] = True
+            if reason:
+                self.notes[row] = reason
 
     def write_back(self) -> None:
         """Push the rows written so far to disk while the workers go on decoding, so that the
@@ -102,9 +107,12 @@ class SplitJob:
         fsync_file(self.path)
         layout = np.array(self.listing.layout_key(self.size))
         stamps = self.listing.stamps
+        noted = np.array(sorted(self.notes), dtype=np.int64)
+        notes = np.array([self.notes[row] for row in noted.tolist()], dtype=str)
+        arrays = {"layout": layout, "done": self.done, "stamps": stamps}
         atomic_write(
             state_path(self.path.parent, self.listing.split),
-            lambda handle: np.savez(handle, layout=layout, done=self.done, stamps=stamps),
+            lambda handle: np.savez(handle, **arrays, noted=noted, notes=notes),
         )
 
     def move_into_place(self, final: Path) -> None:
@@ -124,33 +132,39 @@ def open_job(out: Path, listing: Listing, size: int) -> SplitJob:
     path = partial_path(final_array(out, listing.split))
     state = state_path(out, listing.split)
     shape = (len(listing.frame), size, size, 3)
-    done = _load_done_mask(path, state, listing, size, shape)
-    if done is None:
+    resumed = _load_done_mask(path, state, listing, size, shape)
+    if resumed is None:
         remove(path, state)
         np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape).flush()
         _reserve_blocks(path)
-        done = np.zeros(shape[0], dtype=bool)
+        done, notes = np.zeros(shape[0], dtype=bool), {}
     else:
+        done, notes = resumed
         print(f"{listing.split}: resuming, {int(done.sum())} rows already decoded")
     offset = np.load(path, mmap_mode="r").offset  # header length: rows start here
-    return SplitJob(listing, size, path, offset, done)
+    return SplitJob(listing, size, path, offset, done, notes=notes)
 
 
 def _load_done_mask(
     path: Path, state: Path, listing: Listing, size: int, shape: tuple
-) -> np.ndarray | None:
-    """Rows of a previous partial run that are still valid, or None to start afresh."""
+) -> tuple[np.ndarray, dict[int, str]] | None:
+    """Rows of a previous partial run that are still valid, with the notes on them (tiny test
+    images), or None to start afresh."""
     if not (path.is_file() and state.is_file()):
         return None
     try:
         with np.load(state) as saved:
             layout, done, stamps = str(saved["layout"]), saved["done"], saved["stamps"]
+            has_notes = "noted" in saved and "notes" in saved
+            noted = saved["noted"].tolist() if has_notes else []
+            notes = dict(zip(noted, saved["notes"].tolist() if has_notes else [], strict=True))
         if layout != listing.layout_key(size) or np.load(path, mmap_mode="r").shape != shape:
             return None
     except (OSError, ValueError, KeyError):
         return None  # a damaged checkpoint only costs a redo
     # A row whose source file changed since it was decoded is redone.
-    return done & np.all(stamps == listing.stamps, axis=1)
+    done = done & np.all(stamps == listing.stamps, axis=1)
+    return done, {row: note for row, note in notes.items() if done[row]}
 
 
 def _reserve_blocks(path: Path) -> None:

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dogscats.data import BadInputError, scan_split
+from dogscats.data import PATTERNS, BadInputError, scan_split
+from dogscats.messages import some_names
 from dogscats.store import digest
 
 FORMAT_VERSION = 1  # bump when the array contents change for the same sources
@@ -45,12 +46,40 @@ class Listing:
 
 
 def list_split(data_dir: Path, split: str) -> Listing:
+    """A split's files with their stamps. A train file that cannot even be stat'ed (a dangling
+    symlink, no permission) is rejected by name like a misnamed one; a test file so is refused,
+    since a submission needs every test id."""
     frame, rejects = scan_split(data_dir, split)
     folder = data_dir / split
     if frame.empty:
-        pattern = "cat.N.jpg / dog.N.jpg" if split == "train" else "N.jpg"
-        raise BadInputError(f"{folder} holds no {pattern} images")
+        raise BadInputError(f"{folder} holds no {PATTERNS[split]} images")
     where = str(folder)  # os.path.join on str: pathlib's / costs microseconds a file here
-    stats = [os.stat(os.path.join(where, name)) for name in frame["file"]]
+    stats, unreadable = [], []
+    for name in frame["file"]:
+        try:
+            stats.append(os.stat(os.path.join(where, name)))
+        except OSError as error:
+            stats.append(None)
+            unreadable.append((name, _stat_problem(os.path.join(where, name), error)))
+    if unreadable and split == "test":
+        problems = [f"{name} ({reason})" for name, reason in unreadable]
+        raise BadInputError(
+            f"{len(unreadable):,} test file(s) in {folder} cannot be read, and a submission "
+            f"needs every test id: {some_names(problems)}. Replace them, then re-run"
+        )
+    if unreadable:
+        keep = np.array([stat is not None for stat in stats])
+        frame = frame.loc[keep].reset_index(drop=True)
+        stats = [stat for stat in stats if stat is not None]
+        rejects = sorted([*rejects, *unreadable])
+        if frame.empty:
+            names = some_names(name for name, _ in unreadable)
+            raise BadInputError(f"no file in {folder} can be read: {names}")
     stamps = np.array([(s.st_size, s.st_mtime_ns) for s in stats], dtype=np.int64)
     return Listing(split, folder, frame, stamps.reshape(-1, 2), rejects)
+
+
+def _stat_problem(path: str, error: OSError) -> str:
+    if os.path.islink(path) and not os.path.exists(path):
+        return f"dangling symlink: its target {os.readlink(path)} does not exist"
+    return f"cannot read file: {error.strerror or error}"

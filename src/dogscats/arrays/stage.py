@@ -3,7 +3,8 @@
 Out dir (config.arrays_dir(DATA_DIR, size)) after `preprocess`:
   train.npy / test.npy            (N, size, size, 3) uint8 RGB
   train_index.csv / test_index.csv  id,label,file of the rows, in array order
-  report.csv                      file,split,reason of every left-out train file
+  report.csv                      file,split,reason of every left-out train file, and of
+                                  each tiny test image (kept: every test id is predicted)
   train_done.json / test_done.json  a finished split's source key (a re-run skips it)
   train.state.npz / test.state.npz  the finished rows' source stamps: when files change, only
                                   their rows are decoded again
@@ -23,7 +24,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
@@ -32,6 +33,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from dogscats import config
+from dogscats.arrays.decode import MIN_SIDE
 from dogscats.arrays.partial import (
     SplitJob,
     final_array,
@@ -42,6 +44,7 @@ from dogscats.arrays.partial import (
 from dogscats.arrays.sources import FORMAT_VERSION, Listing, list_split
 from dogscats.arrays.workers import Decoder
 from dogscats.data import BadInputError
+from dogscats.messages import some_names
 from dogscats.store import (
     SPLITS,
     DamagedFileError,
@@ -70,6 +73,7 @@ def _done_json(out: Path, split: str) -> Path:
 class SplitResult:
     count: int
     bad: list[tuple[str, str]]  # (file, reason) of files that did not decode
+    notes: list[tuple[str, str]] = field(default_factory=list)  # (file, note): kept, noted
 
 
 def _decode(jobs: list[SplitJob], decoder: Decoder, progress: bool) -> Iterator[SplitJob]:
@@ -124,20 +128,24 @@ def _finish_split(out: Path, job: SplitJob) -> SplitResult:
     listing, done = job.listing, job.done
     names = listing.frame["file"]
     bad = [(names.iat[row], reason) for row, reason in sorted(job.bad.items())]
+    notes = [(names.iat[row], note) for row, note in sorted(job.notes.items())]
     if bad and listing.split == "test":
+        report = _write_report(out, [(name, "test", reason) for name, reason in bad])
+        shown = some_names(f"{name} ({reason})" for name, reason in bad)
         raise BadInputError(
-            f"{len(bad)} test image(s) in {listing.folder} cannot be used, and a submission "
-            "needs every test id. Replace or re-download them, then re-run (decoded rows are "
-            "kept):\n" + "\n".join(f"  {name}: {reason}" for name, reason in bad)
+            f"{len(bad):,} test image(s) in {listing.folder} cannot be used, and a submission "
+            f"needs every test id: {shown}. {report} lists them all; replace or re-download "
+            "them, then re-run (decoded rows are kept)"
         )
     if not done.any():
         raise BadInputError(f"no image in {listing.folder} could be decoded")
     job.move_into_place(final_array(out, listing.split))
     write_csv(_index_csv(out, listing.split), listing.frame.loc[done].reset_index(drop=True))
     keep_finished_state(out, listing.split, complete=bool(done.all()))
-    result = SplitResult(int(done.sum()), bad)
+    result = SplitResult(int(done.sum()), bad, notes)
     key = listing.source_key(job.size)
-    write_json(_done_json(out, listing.split), {"key": key, "count": result.count, "bad": bad})
+    stamp = {"key": key, "count": result.count, "bad": bad, "notes": notes}
+    write_json(_done_json(out, listing.split), stamp)
     return result
 
 
@@ -172,7 +180,8 @@ def _read_done(out: Path, split: str, key: str) -> SplitResult | None:
         return None
     if not _index_csv(out, split).is_file():
         return None
-    return SplitResult(stamp["count"], [tuple(item) for item in stamp["bad"]])
+    notes = [tuple(item) for item in stamp.get("notes", [])]
+    return SplitResult(stamp["count"], [tuple(item) for item in stamp["bad"]], notes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,13 +214,18 @@ def preprocess(
     remove(out / MANIFEST)  # a stale manifest must never vouch for half-replaced arrays
     with Decoder(workers) as decoder:
         results = _process_splits(out, listings, size, decoder, progress)
-    report = _write_report(out, listings["train"].rejects, results["train"].bad)
+    left_out = [*listings["train"].rejects, *results["train"].bad]
+    kept = results["test"].notes
+    report = _write_report(
+        out, [(name, "train", why) for name, why in left_out] + [(n, "test", w) for n, w in kept]
+    )
+    _tell_report(report, left_out, kept)
     manifest = {
         "version": FORMAT_VERSION,
         "size": size,
         "data_dir": str(data_dir),
         "counts": {split: results[split].count for split in SPLITS},
-        "reported": len(report),
+        "reported": len(left_out) + len(kept),
         "sources": sources,
         "fingerprint": _fingerprint(out, sources, size),
     }
@@ -324,14 +338,23 @@ def _fingerprint(out: Path, sources: str, size: int) -> str:
     return digest(sources, size, *indexes)
 
 
-def _write_report(out: Path, rejects: list, bad: list) -> pd.DataFrame:
-    rows = [(name, "train", reason) for name, reason in [*rejects, *bad]]
+def _write_report(out: Path, rows: list[tuple[str, str, str]]) -> Path:
+    """report.csv: file, split, reason of every file left out or noted."""
     report = pd.DataFrame(rows, columns=["file", "split", "reason"])
-    write_csv(out / REPORT, report)
-    if rows:
-        names = ", ".join(name for name, _, _ in rows)
-        print(f"Left out {len(rows)} train file(s), listed in {out / REPORT}: {names}")
-    return report
+    return write_csv(out / REPORT, report)
+
+
+def _tell_report(report: Path, left_out: list, kept: list) -> None:
+    """One line for the train files left out, one for the tiny test images kept."""
+    if left_out:
+        names = some_names(name for name, _ in left_out)
+        print(f"Left out {len(left_out):,} train file(s), listed in {report}: {names}")
+    if kept:
+        names = some_names(name for name, _ in kept)
+        print(
+            f"Kept {len(kept):,} tiny test image(s) (under {MIN_SIDE} px a side), predicted "
+            f"from their upscaled pixels, listed in {report}: {names}"
+        )
 
 
 def _counts_text(manifest: dict) -> str:

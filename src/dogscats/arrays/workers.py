@@ -10,16 +10,25 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-from dogscats.arrays.decode import BadImageError, load_image, quiet_opencv
+from dogscats.arrays.decode import (
+    MIN_SIDE,
+    BadImageError,
+    TinyImageError,
+    load_image,
+    quiet_opencv,
+)
 
 ROWS_PER_TASK = 64  # per pool task: small IPC, yet a smooth progress bar
 
-RowResult = tuple[int, str | None]  # (row, None if written else why the file is bad)
+# (row, written, reason): not written, why the file is bad; written, None or a note on it.
+RowResult = tuple[int, bool, str | None]
+KEPT_TINY = "kept and predicted from its upscaled pixels: a submission needs every test id"
 
 
 @dataclass(frozen=True)
@@ -32,14 +41,20 @@ class Task:
     folder: str  # the split folder holding the source files
     size: int
     rows: list[tuple[int, str]]  # (row, file name)
+    keep_tiny: bool = False  # test: a tiny image is written (and noted), not left out
 
 
 def make_tasks(
-    array: str, offset: int, folder: str, size: int, rows: list[tuple[int, str]]
+    array: str,
+    offset: int,
+    folder: str,
+    size: int,
+    rows: list[tuple[int, str]],
+    keep_tiny: bool = False,
 ) -> list[Task]:
     """`rows` cut into tasks of ROWS_PER_TASK."""
     return [
-        Task(array, offset, folder, size, rows[start : start + ROWS_PER_TASK])
+        Task(array, offset, folder, size, rows[start : start + ROWS_PER_TASK], keep_tiny)
         for start in range(0, len(rows), ROWS_PER_TASK)
     ]
 
@@ -64,21 +79,42 @@ def decode_rows(task: Task) -> tuple[str, list[RowResult]]:
     try:
         for row, name in task.rows:
             try:
-                load_image(os.path.join(task.folder, name), task.size, out=image)
+                note = _load(os.path.join(task.folder, name), task, image)
             except BadImageError as exc:
-                results.append((row, exc.reason))
+                results.append((row, False, exc.reason))
                 continue
             _pwrite_all(fd, data, task.offset + row * row_bytes)
-            results.append((row, None))
+            results.append((row, True, note))
     finally:
         os.close(fd)
     return task.array, results
+
+
+def _load(path: str, task: Task, image: np.ndarray) -> str | None:
+    """Decode one file into `image`; a note when it is a tiny test image (kept), while a tiny
+    train image raises like any bad file (left out of training)."""
+    try:
+        load_image(path, task.size, out=image, min_side=MIN_SIDE)
+    except TinyImageError as tiny:
+        if not task.keep_tiny:
+            raise
+        load_image(path, task.size, out=image)  # a second decode of a few pixels: no cost
+        return f"{tiny.reason}: {KEPT_TINY}"
+    return None
 
 
 def _worker_init() -> None:
     import cv2
 
     cv2.setNumThreads(1)  # one process per core already; OpenCV threads would only contend
+    # Ctrl-C and a closed terminal signal every process of the group: only the parent stops
+    # (it saves its checkpoint and prints one line), then terminates the workers, which would
+    # otherwise each print a traceback. That terminate's SIGTERM ends a worker at once, as by
+    # default: the parent's handler (cli.main), inherited through fork, would raise in it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     quiet_opencv(mute_stderr=True)
 
 

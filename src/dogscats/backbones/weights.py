@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,6 +174,37 @@ def resolve_keras_weights(
         raise WeightsUnavailableError(
             _unavailable_message(spec, source, weights_dir, error)
         ) from (error)
+
+
+DOWNLOAD_CHECK_SECONDS = 10  # how long `check_keras_weights` waits for the weights' server
+
+
+def check_keras_weights(spec: BackboneSpec, weights_dir: str | None = None) -> None:
+    """Refuse, before any long work, a keras.applications backbone whose ImageNet weights can
+    be had neither from disk (WEIGHTS_DIR, Keras's cache; hash-checked) nor by download (its
+    server answers a HEAD request). Downloads nothing: extraction does that."""
+    source = keras_weights(spec)
+    if weights_dir and (Path(weights_dir) / source.fname).is_file():
+        _check_local(spec, Path(weights_dir) / source.fname, source)
+        return
+    cached = keras_home() / source.cache_subdir / source.fname
+    if cached.is_file() and _matches(cached, source):
+        return
+    try:
+        request = urllib.request.Request(source.origin, method="HEAD")
+        with urllib.request.urlopen(request, timeout=DOWNLOAD_CHECK_SECONDS):
+            pass
+    except Exception as error:  # no network, a proxy, a firewall: each means no download
+        message = _unavailable_message(spec, source, weights_dir, error)
+        raise WeightsUnavailableError(" ".join(message.split())) from error
+
+
+def _matches(path: Path, source: KerasWeights) -> bool:
+    """A cached file Keras would use as it is (a mismatch makes get_file download again)."""
+    if source.file_hash is None:
+        return path.stat().st_size > 0
+    stat = path.stat()
+    return _verified(str(path), stat.st_size, stat.st_mtime_ns, source.file_hash)
 
 
 def _drop_corrupt(path: Path, source: KerasWeights) -> None:
