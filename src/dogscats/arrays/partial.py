@@ -1,8 +1,9 @@
 """A split's array while it is being filled, and how an interrupted run resumes it.
 
 {split}.partial.npy holds the rows written so far, in place; {split}.partial.state.npz (the
-layout key, a done-mask and the source stamps) says which rows are in. A re-run with the same
-layout keeps every done row whose source file is unchanged and decodes only the others.
+layout key, a done-mask, the source stamps and the rows' digests) says which rows are in. A
+re-run with the same layout keeps every done row whose source file is unchanged and whose bytes
+on disk still match their digest, and decodes only the others.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dogscats.arrays.rows import digests_on_disk
 from dogscats.arrays.sources import Listing
 from dogscats.arrays.workers import Task, make_tasks
 from dogscats.store import atomic_write, fsync_file, partial_path, remove
@@ -68,6 +70,7 @@ class SplitJob:
     path: Path  # the partial array
     offset: int  # its header length: row r starts at offset + r * row_bytes
     done: np.ndarray  # per row: decoded and written
+    digests: np.ndarray  # per row: the digest of its bytes (rows.py), 0 until done
     bad: dict[int, str] = field(default_factory=dict)  # row -> why its file is unusable
 
     @property
@@ -82,9 +85,10 @@ class SplitJob:
         return make_tasks(str(self.path), self.offset, str(self.listing.folder), self.size, rows)
 
     def record(self, results: list[tuple[int, str | None]]) -> None:
-        for row, reason in results:
+        for row, reason, digest in results:
             if reason is None:
                 self.done[row] = True
+                self.digests[row] = digest
             else:
                 self.bad[row] = reason
 
@@ -104,7 +108,9 @@ class SplitJob:
         stamps = self.listing.stamps
         atomic_write(
             state_path(self.path.parent, self.listing.split),
-            lambda handle: np.savez(handle, layout=layout, done=self.done, stamps=stamps),
+            lambda handle: np.savez(
+                handle, layout=layout, done=self.done, stamps=stamps, digests=self.digests
+            ),
         )
 
     def move_into_place(self, final: Path) -> None:
@@ -124,33 +130,44 @@ def open_job(out: Path, listing: Listing, size: int) -> SplitJob:
     path = partial_path(final_array(out, listing.split))
     state = state_path(out, listing.split)
     shape = (len(listing.frame), size, size, 3)
-    done = _load_done_mask(path, state, listing, size, shape)
-    if done is None:
+    kept = _load_done_mask(path, state, listing, size, shape)
+    if kept is None:
         remove(path, state)
         np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape).flush()
         _reserve_blocks(path)
-        done = np.zeros(shape[0], dtype=bool)
+        kept = np.zeros(shape[0], dtype=bool), np.zeros(shape[0], dtype=np.uint64)
     else:
-        print(f"{listing.split}: resuming, {int(done.sum())} rows already decoded")
+        print(f"{listing.split}: resuming, {int(kept[0].sum())} rows already decoded")
     offset = np.load(path, mmap_mode="r").offset  # header length: rows start here
-    return SplitJob(listing, size, path, offset, done)
+    return SplitJob(listing, size, path, offset, *kept)
 
 
 def _load_done_mask(
     path: Path, state: Path, listing: Listing, size: int, shape: tuple
-) -> np.ndarray | None:
-    """Rows of a previous partial run that are still valid, or None to start afresh."""
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """(done-mask, digests) of the rows of a previous partial run that are still valid, or
+    None to start afresh."""
     if not (path.is_file() and state.is_file()):
         return None
     try:
         with np.load(state) as saved:
             layout, done, stamps = str(saved["layout"]), saved["done"], saved["stamps"]
+            recorded = saved["digests"] if "digests" in saved.files else None
         if layout != listing.layout_key(size) or np.load(path, mmap_mode="r").shape != shape:
             return None
     except (OSError, ValueError, KeyError):
         return None  # a damaged checkpoint only costs a redo
-    # A row whose source file changed since it was decoded is redone.
-    return done & np.all(stamps == listing.stamps, axis=1)
+    # A row whose source file changed since it was decoded is redone...
+    done = done & np.all(stamps == listing.stamps, axis=1)
+    # ...and so is one whose bytes changed on disk since (a checkpoint written before row
+    # digests existed adopts the rows as they are).
+    found = digests_on_disk(path, done)
+    if recorded is not None:
+        changed = done & (found != recorded)
+        if changed.any():
+            print(f"{listing.split}: {int(changed.sum())} row(s) changed on disk: redoing them")
+        done &= ~changed
+    return done, np.where(done, found, 0).astype(np.uint64)
 
 
 def _reserve_blocks(path: Path) -> None:

@@ -16,10 +16,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from dogscats.arrays.decode import BadImageError, load_image, quiet_opencv
+from dogscats.arrays.rows import row_digest
 
 ROWS_PER_TASK = 64  # per pool task: small IPC, yet a smooth progress bar
 
-RowResult = tuple[int, str | None]  # (row, None if written else why the file is bad)
+# (row, None if written else why the file is bad, the written row's digest (rows.py) or 0)
+RowResult = tuple[int, str | None, int]
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,7 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 def decode_rows(task: Task) -> tuple[str, list[RowResult]]:
     """Decode a task's files, writing each into its row of the partial array as it comes.
 
-    Returns the array's path with each row's result. A worker stopped mid-task returns
+    Returns the array's path with each row's result and digest. A worker stopped mid-task returns
     nothing, so the parent never counts a row done that was not written.
     """
     row_bytes = task.size * task.size * 3
@@ -66,10 +68,10 @@ def decode_rows(task: Task) -> tuple[str, list[RowResult]]:
             try:
                 load_image(os.path.join(task.folder, name), task.size, out=image)
             except BadImageError as exc:
-                results.append((row, exc.reason))
+                results.append((row, exc.reason, 0))
                 continue
             _pwrite_all(fd, data, task.offset + row * row_bytes)
-            results.append((row, None))
+            results.append((row, None, row_digest(data)))  # of the very bytes written
     finally:
         os.close(fd)
     return task.array, results
