@@ -71,7 +71,7 @@ def build_cache(
                 sized = dataclasses.replace(spec, input_size=int(images.shape[1]))
                 forward = make_forward(cut.bottom, sized, batch_size, flip=True)
             log(f"Caching {split} maps at {cut.layer} in {path}")
-            _fill_split(path, (images, check), forward, batch_size, dtype, progress)
+            _fill_split(path, images, check, forward, batch_size, dtype, progress)
         maps[split] = np.load(path, mmap_mode="r")
     return maps
 
@@ -97,13 +97,14 @@ def drop_stale_caches(root: Path, source: dict, log: Log) -> None:
             shutil.rmtree(stamp.parent)
 
 
-def _fill_split(path: Path, reading, forward, batch_size: int, dtype: str, progress: bool) -> None:
+def _fill_split(
+    path: Path, images, check, forward, batch_size: int, dtype: str, progress: bool
+) -> None:
     """Write one split under its partial name, batch by batch; rename when complete.
-    `reading`: the images and their RowCheck.
+    `check` (arrays.RowCheck) sees every batch of images as read.
 
     The rows done are recorded after each flushed batch, so an interrupted run continues.
     """
-    images, check = reading
     partial = store.partial_path(path)
     state = partial.with_suffix(".json")  # the resume point: {"rows_done": n}
     map_shape = forward.output_shape
@@ -111,14 +112,13 @@ def _fill_split(path: Path, reading, forward, batch_size: int, dtype: str, progr
     done = _rows_done(partial, state, shape, dtype)
     mode = "r+" if done else "w+"
     maps = np.lib.format.open_memmap(partial, mode=mode, dtype=dtype, shape=shape)
-    _write_rows(maps, state, reading, forward, batch_size, done, path.stem, progress)
+    _write_rows(maps, state, images, check, forward, batch_size, done, path.stem, progress)
     store.move_into_place(partial, path)
     store.remove(state)
 
 
-def _write_rows(maps, state, reading, forward, batch_size, done, desc, progress) -> None:
+def _write_rows(maps, state, images, check, forward, batch_size, done, desc, progress) -> None:
     """Run the bottom over rows done.. into `maps`, recording each batch in `state`."""
-    images, check = reading
 
     def write(first: int, outputs: list[np.ndarray]) -> None:
         plain, mirrored = outputs
