@@ -36,6 +36,8 @@ K ?= 48
 NORM ?= ssr_l2
 EXCLUDE ?=
 RUNS ?=
+# 1: a stage refuses, rather than waits, while another make writes the same outputs
+NO_WAIT ?=
 
 PY := $(VENV)/bin/python
 CLI := $(PY) -m dogscats.cli
@@ -55,7 +57,7 @@ PLAN_ARGS := --data-dir '$(DATA_DIR)' --backbones '$(BACKBONES)' --head '$(HEAD)
 	--ft-head '$(FT_HEAD)' --layer '$(LAYER)' --ft-epochs '$(FT_EPOCHS)' --ft-learning-rate '$(FT_LR)' \
 	--ft-batch-size '$(FT_BATCH)' --ft-patience '$(FT_PATIENCE)' --ft-dropout '$(FT_DROPOUT)' \
 	--norm '$(NORM)' --exclude '$(EXCLUDE)' --runs '$(RUNS)' \
-	--batch-size '$(BATCH_SIZE)' --workers '$(WORKERS)' \
+	--batch-size '$(BATCH_SIZE)' --workers '$(WORKERS)' --no-wait '$(NO_WAIT)' \
 	$(if $(filter finetune,$(HEAD) $(MAKECMDGOALS)),--finetune)
 # The venv's Python once it exists: a named KerasHub preset (BACKBONES=hub:...) is sized by
 # KerasHub, installed there; every other plan needs only the standard library.
@@ -116,7 +118,7 @@ ifndef PLAN_ERROR
 # is added, removed or replaced (its name, size or mtime changes; in place too). The scan runs
 # on every make that needs the arrays (standard library; README has its cost).
 SCAN_SOURCES := PYTHONPATH=src $(PYTHON) -m dogscats.cli sources --data-dir '$(DATA_DIR)' \
-	--out $(SOURCES_STAMP)
+	--out $(SOURCES_STAMP) $(LOCK_FLAGS)
 $(SOURCES_STAMP): FORCE
 	@$(SCAN_SOURCES)
 
@@ -129,17 +131,18 @@ $(addsuffix /manifest.json,$(ARRAY_DIRS)): %/manifest.json: $(SOURCES_STAMP) | $
 	$(if $(BEYOND_ARRAYS),$(CLI) check --devices '$(DEVICES)' --weights $(WEIGHTS) --backbones $(ARRAYS_BACKBONES))
 	$(if $(LAYER),$(CLI) layers --check '$(LAYER)' $(BACKBONE_NAMES))
 	@$(SCAN_SOURCES)
-	$(CLI) preprocess --data-dir '$(DATA_DIR)' --size $(notdir $*) --out $* $(if $(WORKERS),--workers $(WORKERS))
+	$(CLI) preprocess --data-dir '$(DATA_DIR)' --size $(notdir $*) --out $* $(if $(WORKERS),--workers $(WORKERS)) $(LOCK_FLAGS)
 
 # Each feature file's arrays and EXTRACT_* variables come from the plan.
 $(sort $(FEATURE_FILES) $(FT_HEAD_FEATURES)): | $(SETUP)
 	$(CLI) features --data-dir '$(DATA_DIR)' --backbone $(EXTRACT_BACKBONE) --weights $(WEIGHTS) \
 		--tta $(EXTRACT_TTA) --precision $(PRECISION) --batch-size $(BATCH_SIZE) \
-		--devices '$(DEVICES)' --arrays $(EXTRACT_ARRAYS) --out $@ $(if $(EXTRACT_LAYER),--layer $(EXTRACT_LAYER))
+		--devices '$(DEVICES)' --arrays $(EXTRACT_ARRAYS) --out $@ $(if $(EXTRACT_LAYER),--layer $(EXTRACT_LAYER)) \
+		$(LOCK_FLAGS)
 
 # $(call train_head,feature files,run folder,head,normalisation[,exclude list])
 train_head = $(CLI) train --features $(1) --out $(2) --head $(3) --tta $(TTA) --folds $(FOLDS) --seed $(SEED) \
-	--normalise $(4) $(if $(5),--exclude '$(5)')
+	--normalise $(4) $(if $(5),--exclude '$(5)') $(LOCK_FLAGS)
 
 ifneq ($(HEAD),finetune)
 $(RUN_DIR)/metrics.json: $(FEATURE_FILES) $(TRAIN_VERSION) $(EXCLUDE_FILE) | $(SETUP)
@@ -154,22 +157,22 @@ endif
 $(FT_RUN_DIR)/metrics.json: $(FT_HEAD_RUN)/metrics.json $(FT_ARRAYS)/manifest.json $(FINETUNE_VERSION) | $(SETUP)
 	$(CLI) finetune --data-dir '$(DATA_DIR)' --backbone $(BACKBONE) --blocks $(BLOCKS) \
 		--head-run $(FT_HEAD_RUN) --augment $(AUGMENT) --weights $(WEIGHTS) --seed $(SEED) \
-		--arrays $(FT_ARRAYS) --out $(@D) $(FT_FLAGS)
+		--arrays $(FT_ARRAYS) --out $(@D) $(FT_FLAGS) $(LOCK_FLAGS)
 
 # SUBMISSION (what `make score` reads) may name another run's file, a blend's: never a rule.
 $(SUBMISSION_FILE): $(RUN_DIR)/metrics.json $(wildcard $(DATA_DIR)/sample_submission.csv) | $(SETUP)
 	$(eval SUBMISSION_MADE := 1)
 	$(CLI) submission --run-dir $(RUN_DIR) --sample-submission '$(DATA_DIR)/sample_submission.csv' \
-		--out $@ --clip $(CLIP)
+		--out $@ --clip $(CLIP) $(LOCK_FLAGS)
 
 # Runs that are not finished are named to the CLI, which says so (make would only say "no rule").
 $(BLEND_DIR)/metrics.json: $(wildcard $(addsuffix /metrics.json,$(BLEND_RUN_DIRS))) $(BLEND_VERSION) | $(SETUP)
-	$(CLI) blend --runs $(BLEND_RUN_DIRS) --out $(@D)
+	$(CLI) blend --runs $(BLEND_RUN_DIRS) --out $(@D) $(LOCK_FLAGS)
 
 $(BLEND_SUBMISSION): $(BLEND_DIR)/metrics.json $(wildcard $(DATA_DIR)/sample_submission.csv) | $(SETUP)
 	$(eval BLEND_MADE := 1)
 	$(CLI) submission --run-dir $(BLEND_DIR) --sample-submission '$(DATA_DIR)/sample_submission.csv' \
-		--out $@ --clip $(CLIP)
+		--out $@ --clip $(CLIP) $(LOCK_FLAGS)
 endif
 
 score: | $(SETUP) ## log loss and accuracy of SUBMISSION against LABELS (id,label)
@@ -180,7 +183,7 @@ score: | $(SETUP) ## log loss and accuracy of SUBMISSION against LABELS (id,labe
 REPORT_LABELS = $(if $(filter command line environment,$(origin LABELS)),$(LABELS),$(wildcard $(LABELS)))
 report: | $(SETUP) check-plan ## one HTML page of every run of DATA_DIR (RUN, K, LABELS); never trains
 	$(CLI) report --data-dir '$(DATA_DIR)' --out $(REPORT_FILE) --k $(K) \
-		$(if $(RUN),--run '$(RUN)') $(if $(REPORT_LABELS),--labels '$(REPORT_LABELS)')
+		$(if $(RUN),--run '$(RUN)') $(if $(REPORT_LABELS),--labels '$(REPORT_LABELS)') $(LOCK_FLAGS)
 
 BENCH_DATA ?= ../shared/data/dogs-vs-cats-sample
 bench: | $(SETUP) ## speed and memory against bare loops: writes bench/REPORT.md

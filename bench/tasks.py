@@ -342,6 +342,45 @@ def task_extract(
     return {"images": images, **timed}
 
 
+def task_row_check(arrays_dir: str, batch_size: int, repeats: int = 3) -> dict:
+    """The row-digest check alone (arrays.RowCheck, as extraction calls it on each batch
+    read), timed over every row of both splits; beside it zlib.crc32 of the same rows, the
+    standard library's fastest hash. Batches are read untimed, as extraction's reader threads
+    read them; the best of `repeats` passes counts."""
+    import zlib
+
+    import numpy as np
+
+    from dogscats import arrays
+
+    timed = {"check": [], "crc32": []}
+    rows = 0
+    for _ in range(repeats):
+        passes = {"check": 0.0, "crc32": 0.0}
+        rows = 0
+        for split in SPLITS:
+            images, index = arrays.load_split(arrays_dir, split)
+            check = arrays.row_check(arrays_dir, split, index)
+            for first in range(0, len(images), batch_size):
+                batch = np.array(images[first : first + batch_size])
+                start = time.perf_counter()
+                check(first, batch)
+                passes["check"] += time.perf_counter() - start
+                start = time.perf_counter()
+                for row in batch:
+                    zlib.crc32(row)
+                passes["crc32"] += time.perf_counter() - start
+                rows += len(batch)
+        for name, seconds in passes.items():
+            timed[name].append(seconds)
+    return {
+        "rows": rows,
+        "row_bytes": int(np.prod(images.shape[1:])),
+        "check_s": min(timed["check"]),
+        "crc32_s": min(timed["crc32"]),
+    }
+
+
 def task_precision(
     data_dir: str,
     arrays_dir: str,
@@ -539,6 +578,7 @@ TASKS: dict[str, Callable[..., dict]] = {
     "seeds_loop": task_seeds_loop,
     "features": task_features,
     "extract": task_extract,
+    "row_check": task_row_check,
     "precision": task_precision,
     "finetune": task_finetune,
 }

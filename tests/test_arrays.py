@@ -25,6 +25,8 @@ FINAL_FILES = {
     "test_index.csv",
     "report.csv",
     "manifest.json",
+    "train_digests.npy",
+    "test_digests.npy",
 }
 
 
@@ -184,7 +186,7 @@ def test_worker_failure_leaves_no_final_files_and_rerun_completes(dataset, tmp_p
     monkeypatch.setattr(workers, "load_image", fail_on_dog_2)
     with pytest.raises(RuntimeError, match="simulated"):
         preprocess(dataset, SIZE, out_dir=out, workers=2, progress=False)
-    assert not names_in(out) & (FINAL_FILES - {"test.npy", "test_index.csv"})
+    assert not names_in(out) & (FINAL_FILES - {"test.npy", "test_index.csv", "test_digests.npy"})
     monkeypatch.setattr(workers, "load_image", load_image)
     preprocess(dataset, SIZE, out_dir=out, workers=2, progress=False)
     assert_rows_match_files(out, dataset, "train")
@@ -344,7 +346,7 @@ def test_a_cut_manifest_is_named_set_aside_and_rebuilt(dataset, tmp_path):
     assert (out / "manifest.json.damaged").exists() and not (out / "manifest.json").exists()
     assert preprocess(dataset, SIZE, out_dir=out, workers=1, progress=False) == first
     # Dated as the unchanged arrays, so that make leaves the feature files made since alone.
-    made = FINAL_FILES - {"report.csv", "manifest.json"}
+    made = FINAL_FILES - {"report.csv", "manifest.json", "train_digests.npy", "test_digests.npy"}
     arrays_made = max((out / name).stat().st_mtime_ns for name in made)
     assert (out / "manifest.json").stat().st_mtime_ns == arrays_made
 

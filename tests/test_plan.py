@@ -64,6 +64,7 @@ def test_finetune_adds_its_backbone_and_names_its_flags():
         ({"clip": "0"}, "CLIP must be 'auto' or a number in (0, 0.5)"),
         ({"clip": "-1"}, "CLIP must be 'auto' or a number in (0, 0.5)"),
         ({"clip": "abc"}, "Received: 'abc'"),
+        ({"no_wait": "yes"}, "NO_WAIT must be 1 (refuse), 0 or empty (wait). Received: 'yes'"),
         ({"clip": "nan"}, "Received: 'nan'"),
         ({"weights": "nowhere.h5"}, "WEIGHTS must be one of imagenet, random or the path"),
         ({"batch_size": "0"}, "BATCH_SIZE must be a whole number >= 1"),

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -108,3 +111,51 @@ def test_atomic_save_keeps_the_old_file_when_saving_fails(tmp_path):
         store.atomic_save(target, fail)
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+# ---------------------------------------------------------------------------------------------
+# writer_lock: one writer per stage and folder
+
+
+def _hold_then_die(folder, started) -> None:
+    with store.writer_lock(folder, "stage"):
+        started.set()
+        os.kill(os.getpid(), 9)  # no `finally` runs: as after a power cut or kill -9
+
+
+def test_a_held_lock_refuses_with_its_holder_named_or_is_waited_for(tmp_path):
+    with store.writer_lock(tmp_path, "stage"):
+        with pytest.raises(store.BusyError) as info:
+            with store.writer_lock(tmp_path, "stage", wait=False):
+                pass
+        message = str(info.value)
+        assert f"{tmp_path / '.stage.lock'} is held by pid {os.getpid()} (" in message
+        assert " since 20" in message and "NO_WAIT=1" in message and "\n" not in message
+        with store.writer_lock(tmp_path, "another stage", wait=False):
+            pass  # other stages are not held up
+    lines = []
+    holder = threading.Event()
+
+    def hold() -> None:
+        with store.writer_lock(tmp_path, "stage"):
+            holder.set()
+            time.sleep(0.5)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    holder.wait()
+    with store.writer_lock(tmp_path, "stage", log=lines.append):
+        assert not thread.is_alive()  # got it only once the holder let go
+    thread.join()
+    assert len(lines) == 1 and lines[0].startswith(f"Waiting for pid {os.getpid()} (")
+
+
+def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
+    fork = multiprocessing.get_context("fork")
+    started = fork.Event()
+    child = fork.Process(target=_hold_then_die, args=(tmp_path, started))
+    child.start()
+    child.join(30)
+    assert started.is_set() and child.exitcode == -9
+    with store.writer_lock(tmp_path, "stage", wait=False):  # free at once
+        pass

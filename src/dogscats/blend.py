@@ -17,7 +17,7 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.special import expit, log_expit, logit
 
-from dogscats import config, runs
+from dogscats import config, runs, store
 from dogscats.train import scores
 
 EPS = 1e-6  # predictions are clipped this far from 0 and 1 before their logit
@@ -89,9 +89,17 @@ def _aligned(loaded: list[runs.Run]) -> tuple:
     )
 
 
-def blend(run_dirs: list[str | os.PathLike], out: str | os.PathLike, log=print) -> Path:
-    """Blend the runs in `run_dirs` into the run folder `out` (weights in its metrics)."""
+def blend(
+    run_dirs: list[str | os.PathLike], out: str | os.PathLike, log=print, wait: bool = True
+) -> Path:
+    """Blend the runs in `run_dirs` into the run folder `out` (weights in its metrics).
+    Another blend into the same models folder is waited for (`wait` False: BusyError)."""
     out = Path(out)
+    with store.writer_lock(out.parent, "blend", wait, log):  # up-to-date check inside
+        return _blend(run_dirs, out, log)
+
+
+def _blend(run_dirs: list[str | os.PathLike], out: Path, log) -> Path:
     if not run_dirs:
         raise ValueError(
             "Nothing to blend: no finished run of this data set. Run `make train` first, or "

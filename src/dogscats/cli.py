@@ -54,6 +54,15 @@ def _backbone_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arrays", help="arrays folder; default per dataset and input size")
 
 
+def _no_wait(p: argparse.ArgumentParser) -> None:
+    """Every stage that writes holds its lock (store.writer_lock) while it runs."""
+    p.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="refuse, rather than wait, when another run is writing the same outputs (NO_WAIT=1)",
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 
 
@@ -81,6 +90,7 @@ def plan_cmd(args):
 def _sources_args(p):
     _data_dir(p)
     p.add_argument("--out", required=True, help="the stamp file (plan's SOURCES_STAMP)")
+    _no_wait(p)
 
 
 @command("sources", "rewrite make's stamp of the source images when any of them changed")(
@@ -89,7 +99,7 @@ def _sources_args(p):
 def sources_cmd(args):
     from dogscats import plan
 
-    if plan.refresh_sources_stamp(args.data_dir, args.out):
+    if plan.refresh_sources_stamp(args.data_dir, args.out, wait=not args.no_wait):
         print(f"Source images of {args.data_dir} scanned: {args.out}")
 
 
@@ -154,6 +164,7 @@ def _preprocess_args(p):
     p.add_argument("--size", type=int, nargs="+", required=True, help="input sizes, e.g. 224")
     p.add_argument("--out", help="arrays folder (one size only); default per dataset and size")
     p.add_argument("--workers", type=int, default=None, help="decoding processes (all cores)")
+    _no_wait(p)
 
 
 @command("preprocess", "decode, RGB, resize: uint8 arrays on disk")(_preprocess_args)
@@ -163,7 +174,9 @@ def preprocess_cmd(args):
     if args.out and len(args.size) > 1:
         raise ValueError("--out takes one --size. Received sizes: " + repr(args.size))
     for size in args.size:
-        arrays.preprocess(args.data_dir, size, out_dir=args.out, workers=args.workers)
+        arrays.preprocess(
+            args.data_dir, size, out_dir=args.out, workers=args.workers, wait=not args.no_wait
+        )
 
 
 def _features_args(p):
@@ -174,6 +187,7 @@ def _features_args(p):
     p.add_argument("--devices", default="auto", help=config.DEVICES_HELP)
     p.add_argument("--out", help="feature file; default features/<dataset>/<backbone>.h5")
     p.add_argument("--layer", default="", help="pool this layer instead of the output")
+    _no_wait(p)
 
 
 @command("features", "GAP features of one backbone into an .h5 file")(_features_args)
@@ -192,6 +206,7 @@ def features_cmd(args):
         out=args.out,
         devices=args.devices,
         layer=args.layer or None,
+        wait=not args.no_wait,
     )
 
 
@@ -224,6 +239,7 @@ def _train_args(p):
     p.add_argument("--seed", type=int, default=config.SEED)
     p.add_argument("--exclude", help="list of train files to leave out of every fit")
     p.add_argument("--normalise", default="standard", choices=config.NORMALISATIONS)
+    _no_wait(p)
 
 
 @command("train", "cross-validated head on concatenated features")(_train_args)
@@ -239,19 +255,21 @@ def train_cmd(args):
         seed=args.seed,
         exclude=args.exclude,
         normalise=args.normalise,
+        wait=not args.no_wait,
     )
 
 
 def _blend_args(p):
     p.add_argument("--runs", nargs="*", default=[], help="run folders to blend")
     p.add_argument("--out", required=True, help="run folder to write")
+    _no_wait(p)
 
 
 @command("blend", "non-negative blend of runs' logits, weights from out-of-fold")(_blend_args)
 def blend_cmd(args):
     from dogscats import blend
 
-    blend.blend(args.runs, args.out)
+    blend.blend(args.runs, args.out, wait=not args.no_wait)
 
 
 def _given_hyperparameters(args: argparse.Namespace) -> dict:
@@ -271,6 +289,7 @@ def _finetune_args(p):
     for keyword, _, kind, what in config.FINETUNE_HYPERPARAMETERS:
         flag = "--" + keyword.replace("_", "-")
         p.add_argument(flag, type=kind, default=None, help=f"{what} (default in finetune/hparams)")
+    _no_wait(p)
 
 
 @command("finetune", "fine-tune a backbone's top blocks, fold by fold")(_finetune_args)
@@ -288,6 +307,7 @@ def finetune_cmd(args):
         arrays_dir=args.arrays,
         out=args.out,
         seed=args.seed,
+        wait=not args.no_wait,
         **_given_hyperparameters(args),
     )
 
@@ -297,6 +317,7 @@ def _submission_args(p):
     p.add_argument("--sample-submission", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--clip", default="auto", help="auto (from out-of-fold) or a value")
+    _no_wait(p)
 
 
 @command("submission", "clipped submission CSV from a run folder")(_submission_args)
@@ -304,7 +325,9 @@ def submission_cmd(args):
     from dogscats import submission
 
     clip = None if args.clip == "auto" else float(args.clip)
-    submission.write_submission(args.run_dir, args.sample_submission, args.out, clip)
+    submission.write_submission(
+        args.run_dir, args.sample_submission, args.out, clip, wait=not args.no_wait
+    )
 
 
 def _score_args(p):
@@ -326,6 +349,7 @@ def _report_args(p):
     p.add_argument("--run", help="run folder (name or path) shown in detail; default the best")
     p.add_argument("--k", type=int, default=config.REPORT_IMAGES, help="images per gallery")
     p.add_argument("--labels", help="id,label file of the test labels: adds test scores")
+    _no_wait(p)
 
 
 @command("report", "one HTML page of every run: table, plots, most-wrong images")(_report_args)
@@ -333,7 +357,12 @@ def report_cmd(args):
     from dogscats import report
 
     report.write_report(
-        args.data_dir, out=args.out, run=args.run, k=args.k, labels=args.labels or None
+        args.data_dir,
+        out=args.out,
+        run=args.run,
+        k=args.k,
+        labels=args.labels or None,
+        wait=not args.no_wait,
     )
 
 

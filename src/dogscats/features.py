@@ -96,9 +96,11 @@ def extract(
     progress: bool = True,
     devices: str = "auto",
     layer: str | None = None,
+    wait: bool = True,
 ) -> Path:
     """Write (or find up to date) the feature file of one backbone; return its path.
-    `layer`: pool that layer's output instead of the backbone's last (checked first)."""
+    `layer`: pool that layer's output instead of the backbone's last (checked first).
+    Another extraction into the same folder is waited for (`wait` False: BusyError)."""
     spec = get_backbone(backbone)
     _check_choice("TTA", tta, ("none", "flip"))
     _check_choice("PRECISION", precision, ("float32", "bfloat16"))
@@ -111,6 +113,38 @@ def extract(
             data_dir, backbone, weights=weights, precision=precision, tta=tta, layer=layer
         )
     )
+    # One extraction at a time per features folder: two would write the same partial file.
+    # The up-to-date check is inside: the run waited for may have just written `out`.
+    with store.writer_lock(out.parent, "features", wait):
+        return _extract(
+            spec,
+            out,
+            arrays_dir,
+            weights,
+            weights_dir,
+            tta,
+            precision,
+            batch_size,
+            progress,
+            devices,
+            layer,
+        )
+
+
+def _extract(
+    spec,
+    out,
+    arrays_dir,
+    weights,
+    weights_dir,
+    tta,
+    precision,
+    batch_size,
+    progress,
+    devices,
+    layer,
+) -> Path:
+    """`extract` under its lock: the up-to-date check, then the whole extraction."""
     manifest = arrays.read_manifest(arrays_dir)
     wanted = expected_attrs(spec, weights, precision, tta, manifest["fingerprint"], layer)
     if is_up_to_date(out, wanted):
@@ -118,7 +152,7 @@ def extract(
         return out
     if weights == "random":
         print(
-            f"*** WEIGHTS=random: {backbone} gets RANDOM weights; its features are for tests "
+            f"*** WEIGHTS=random: {spec.name} gets RANDOM weights; its features are for tests "
             "and dry runs only, not for a real submission. ***",
             flush=True,
         )
@@ -134,7 +168,10 @@ def extract(
         with h5py.File(_open_partial(partial, wanted), "a") as handle:
             for split in SPLITS:
                 images, index = arrays.load_split(arrays_dir, split)
-                _extract_split(handle, split, images, index, forward, batch_size, tta, progress)
+                check = arrays.row_check(arrays_dir, split, index)  # rows against their digests
+                _extract_split(
+                    handle, split, images, check, index, forward, batch_size, tta, progress
+                )
             if not layer:  # the ImageNet classifier reads the last layer's features only
                 _add_zeroshot(handle, spec, weights, tta)
     store.commit(partial, out, lambda path: verify_feature_file(path, wanted, manifest["counts"]))
@@ -350,7 +387,9 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _extract_split(handle, split, images, index, forward, batch_size, tta, progress) -> None:
+def _extract_split(
+    handle, split, images, check, index, forward, batch_size, tta, progress
+) -> None:
     n = len(images)
     group = handle.require_group(split)
     names = ["features"] + (["features_flip"] if tta == "flip" else [])
@@ -369,7 +408,7 @@ def _extract_split(handle, split, images, index, forward, batch_size, tta, progr
 
     done = int(group.attrs.get("rows_done", 0))
     desc = f"{handle.attrs['backbone']} {split}"
-    run_forward(images, forward, batch_size, write, start=done, desc=desc, progress=progress)
+    run_forward(images, forward, batch_size, write, done, desc, progress=progress, check=check)
 
 
 def _add_zeroshot(handle, spec: BackboneSpec, weights: str, tta: str) -> None:

@@ -355,6 +355,7 @@ def batch_stream(
     start: int = 0,
     put: Callable[[np.ndarray], Any] = lambda batch: batch,
     ahead: int = READERS,
+    check: Callable[[int, np.ndarray], None] | None = None,
 ) -> Iterator[tuple[int, int, Any]]:
     """(first row, rows, batch) for rows start.. in batches of `batch_size`, the last one
     zero-padded so that one compiled step serves every batch, in order. Reader threads read
@@ -362,13 +363,16 @@ def batch_stream(
     threads, not tf.data, so that reading needs no backend. Several, because filling a fresh
     batch costs page faults and a copy to the device besides the read, and a fast
     accelerator finishes a batch sooner than one thread does that (pread, the copies and
-    the faults all run outside the GIL)."""
+    the faults all run outside the GIL). `check(first, rows)` (arrays.RowCheck) sees every
+    batch as read, in the reader thread, before it goes to the device."""
     read = _RowReader(images)
 
     def load(first: int) -> Any:
         rows = min(batch_size, len(images) - first)
         batch = np.zeros((batch_size, *images.shape[1:]), images.dtype)
         read(first, batch[:rows])
+        if check is not None:
+            check(first, batch[:rows])
         return put(batch)
 
     firsts = iter(range(start, len(images), batch_size))
@@ -434,12 +438,13 @@ def run_forward(
     start: int = 0,
     desc: str = "",
     progress: bool = True,
+    check: Callable[[int, np.ndarray], None] | None = None,
 ) -> None:
     """The resumable loop of every stage that runs a network over the arrays (features, the
     fine-tuning cache): `forward` on rows start.. in fixed-size batches, then
     `write(first_row, outputs)` with the padding cut off; `write` records its own resume point.
     The next batch is dispatched before the last one's outputs are fetched, so that the
-    device never waits for the host to write.
+    device never waits for the host to write. `check`: see batch_stream.
     """
     in_flight = None
     bar = tqdm(total=len(images), initial=start, desc=desc, unit="img", disable=not progress)
@@ -449,7 +454,9 @@ def run_forward(
             write(first, [output[:rows] for output in forward.fetch(outputs)])
             bar.update(rows)
 
-        for first, rows, batch in batch_stream(images, batch_size, start, put=forward.put):
+        for first, rows, batch in batch_stream(
+            images, batch_size, start, forward.put, check=check
+        ):
             outputs = forward(batch)
             if in_flight is not None:
                 finish(*in_flight)

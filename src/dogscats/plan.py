@@ -42,6 +42,7 @@ class Variables:
     runs: str = ""  # make blend: run names or folders; empty = every finished run
     batch_size: str = "32"
     workers: str = ""  # empty: all cores
+    no_wait: str = ""  # 1: a stage refuses, rather than waits, when another run holds its lock
     layer: str = ""  # pool this layer of each of BACKBONES instead of its output
     finetune: bool = False  # HEAD=finetune or `make finetune`: BACKBONE's arrays are needed
     hyperparameters: dict[str, str] = field(default_factory=dict)  # FT_* set on the command line
@@ -84,6 +85,8 @@ def _check(v: Variables) -> None:
     ):
         if not value.isdigit() or int(value) < least:
             raise ValueError(f"{name} must be a whole number >= {least}. Received: {value!r}")
+    if v.no_wait not in ("", "0", "1"):
+        raise ValueError(f"NO_WAIT must be 1 (refuse), 0 or empty (wait). Received: {v.no_wait!r}")
     check_clip(v.clip)
     _check_weights(v.weights)
     _check_hyperparameters(v.hyperparameters)
@@ -240,6 +243,7 @@ def plan(v: Variables) -> list[str]:
         f"FINETUNE_VERSION := {_relative(config.method_version_file('finetune'))}",
         f"EXCLUDE_FILE := {v.exclude}",
         f"HEAD_NORM := {head_norm}",
+        f"LOCK_FLAGS := {'--no-wait' if v.no_wait == '1' else ''}",
         *_blend_lines(v, models),
     ]
     readers: dict[str, list[str]] = {}  # arrays folder -> the backbones that read it
@@ -331,7 +335,9 @@ def _stat(entry: os.DirEntry) -> os.stat_result:
         return entry.stat(follow_symlinks=False)
 
 
-def refresh_sources_stamp(data_dir: str | os.PathLike, stamp: str | os.PathLike) -> bool:
+def refresh_sources_stamp(
+    data_dir: str | os.PathLike, stamp: str | os.PathLike, wait: bool = True
+) -> bool:
     """Rewrite `stamp` only when the scan differs from the one it holds, so that its mtime
     changes exactly when an image is added, removed or replaced (in place too). True when it
     was rewritten. A missing folder leaves the stamp alone (`make data` comes first).
@@ -343,6 +349,11 @@ def refresh_sources_stamp(data_dir: str | os.PathLike, stamp: str | os.PathLike)
     found = scan_sources(data_dir)
     if found is None:
         return False
+    with store.writer_lock(Path(stamp).parent, "sources", wait):  # two makes write one stamp
+        return _refresh_stamp(data_dir, stamp, found)
+
+
+def _refresh_stamp(data_dir: str | os.PathLike, stamp: str | os.PathLike, found: tuple) -> bool:
     scan, newest = found
     wanted = {"data_dir": os.path.abspath(data_dir), **scan}
     before = store.read_json(stamp)

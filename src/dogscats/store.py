@@ -7,12 +7,16 @@ the commit. Standard library only at import time, so `make` can ask Python for n
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -210,3 +214,82 @@ def up_to_date(
     if newer:
         return f"inputs are newer: {', '.join(newer)}"
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# One writer per stage and folder: two terminals on one data folder take turns
+
+
+class BusyError(OSError):
+    """Another process holds the lock of the outputs a stage writes, and waiting was declined
+    (NO_WAIT=1)."""
+
+
+def lock_path(folder: str | os.PathLike, stage: str) -> Path:
+    """The lock file of `stage`'s outputs in `folder` (hidden: no listing of runs sees it)."""
+    return Path(folder) / f".{stage}.lock"
+
+
+@contextmanager
+def writer_lock(
+    folder: str | os.PathLike, stage: str, wait: bool = True, log: Callable = print
+) -> Iterator[Path]:
+    """Hold `stage`'s lock on `folder` (the folder its outputs go to) for the block.
+
+    A second process waits, saying in one line whose lock it waits for, or with `wait` False
+    raises BusyError. fcntl.flock: the kernel drops the lock when its holder ends, however it
+    ends, so a killed run never leaves a stale lock behind. The stage checks whether its
+    output is up to date inside the block: the process it waited for may have just made it.
+    """
+    path = lock_path(folder, stage)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        if not _try_lock(fd):
+            holder = _holder(fd)
+            if not wait:
+                raise BusyError(
+                    f"{path} is held by {holder}: another run is writing these outputs. Let it "
+                    "finish, or run again without NO_WAIT=1 (--no-wait) to wait for it."
+                )
+            log(f"Waiting for {holder}, which holds {path} (NO_WAIT=1 refuses instead).")
+            sys.stdout.flush()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        _write_holder(fd)
+        yield path
+    finally:
+        os.close(fd)  # releases the lock (the holder line stays: read only while it is held)
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _write_holder(fd: int) -> None:
+    """Who holds the lock: pid, command and since when, one JSON line, for those who wait."""
+    argv = [os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"]
+    command = " ".join(["dogscats" if argv[0] == "cli.py" else argv[0], *sys.argv[1:]])
+    since = datetime.now().astimezone().isoformat(timespec="seconds")
+    line = json.dumps({"pid": os.getpid(), "command": command[:200], "since": since})
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (line + "\n").encode(), 0)
+
+
+def _holder(fd: int, tries: int = 20) -> str:
+    """'pid N (command) since T' of the lock's holder. The holder writes its line just after it
+    takes the lock; a line of a holder that has ended since is an older one's: read again."""
+    for _ in range(tries):
+        try:
+            info = json.loads(os.pread(fd, 4096, 0).decode())
+            os.kill(int(info["pid"]), 0)  # alive (a pid of another user's process counts too)
+            since = datetime.fromisoformat(info["since"]).strftime("%Y-%m-%d %H:%M:%S")
+            return f"pid {info['pid']} ({info['command']}) since {since}"
+        except PermissionError:
+            return f"pid {info['pid']} ({info['command']}) since {info['since']}"
+        except (ValueError, KeyError, TypeError, ProcessLookupError, UnicodeDecodeError):
+            time.sleep(0.05)
+    return "another process"

@@ -141,8 +141,16 @@ def write_submission(
     out: str | os.PathLike,
     clip_value: float | None = None,
     log=print,
+    wait: bool = True,
 ) -> dict[str, float]:
-    """Clip the run's test predictions and write `out` in sample_submission's id order."""
+    """Clip the run's test predictions and write `out` in sample_submission's id order.
+    Another submission into the same folder is waited for (`wait` False: BusyError); the file
+    is then written again from the finished run, the same bytes (it takes a second)."""
+    with store.writer_lock(Path(out).parent, "submission", wait, log):
+        return _write_submission(run_dir, sample_submission, out, clip_value, log)
+
+
+def _write_submission(run_dir, sample_submission, out, clip_value, log) -> dict[str, float]:
     run = runs.read_run(run_dir)
     oof, test, cv = run.oof, run.test, run.metrics
     if clip_value is not None:

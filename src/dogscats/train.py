@@ -17,7 +17,7 @@ from sklearn.base import clone
 from sklearn.metrics import accuracy_score, log_loss
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
-from dogscats import config, runs
+from dogscats import config, runs, store
 from dogscats import exclude as exclude_list
 from dogscats.features import FeatureSet, load_feature_set
 from dogscats.heads import make_head
@@ -140,12 +140,19 @@ def train(
     exclude: str | os.PathLike | None = None,
     normalise: str = "standard",
     log=print,
+    wait: bool = True,
 ) -> Path:
     """Cross-validate a head on the concatenated features; write the run folder (runs.py).
 
-    `exclude`: a list of train files (exclude.py) left out of every fold's fitting.
+    `exclude`: a list of train files (exclude.py) left out of every fold's fitting. Another
+    training into the same models folder is waited for (`wait` False: store.BusyError).
     """
     out = Path(out)
+    with store.writer_lock(out.parent, "train", wait, log):  # up-to-date check inside
+        return _train(feature_files, out, head, tta, n_folds, seed, exclude, normalise, log)
+
+
+def _train(feature_files, out, head, tta, n_folds, seed, exclude, normalise, log) -> Path:
     settings = {
         "method_version": config.method_version("train"),
         "head": head,

@@ -1,8 +1,9 @@
 """A split's array while it is being filled, and how an interrupted run resumes it.
 
 {split}.partial.npy holds the rows written so far, in place; {split}.partial.state.npz (the
-layout key, a done-mask and the source stamps) says which rows are in. A re-run with the same
-layout keeps every done row whose source file is unchanged and decodes only the others.
+layout key, a done-mask, the source stamps and the rows' digests) says which rows are in. A
+re-run with the same layout keeps every done row whose source file is unchanged and whose bytes
+on disk still match their digest, and decodes only the others.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dogscats.arrays.rows import digests_on_disk
 from dogscats.arrays.sources import Listing
 from dogscats.arrays.workers import RowResult, Task, make_tasks
 from dogscats.store import atomic_write, fsync_file, partial_path, remove
@@ -68,6 +70,7 @@ class SplitJob:
     path: Path  # the partial array
     offset: int  # its header length: row r starts at offset + r * row_bytes
     done: np.ndarray  # per row: decoded and written
+    digests: np.ndarray  # per row: the digest of its bytes (rows.py), 0 until done
     bad: dict[int, str] = field(default_factory=dict)  # row -> why its file is unusable
     notes: dict[int, str] = field(default_factory=dict)  # written row -> a word on it (tiny)
 
@@ -85,11 +88,12 @@ class SplitJob:
         return make_tasks(str(self.path), self.offset, folder, self.size, rows, keep_tiny)
 
     def record(self, results: list[RowResult]) -> None:
-        for row, written, reason in results:
+        for row, written, reason, digest in results:
             if not written:
                 self.bad[row] = reason
                 continue
             self.done[row] = True
+            self.digests[row] = digest
             if reason:
                 self.notes[row] = reason
 
@@ -112,7 +116,9 @@ class SplitJob:
         arrays = {"layout": layout, "done": self.done, "stamps": stamps}
         atomic_write(
             state_path(self.path.parent, self.listing.split),
-            lambda handle: np.savez(handle, **arrays, noted=noted, notes=notes),
+            lambda handle: np.savez(
+                handle, **arrays, noted=noted, notes=notes, digests=self.digests
+            ),
         )
 
     def move_into_place(self, final: Path) -> None:
@@ -137,19 +143,19 @@ def open_job(out: Path, listing: Listing, size: int) -> SplitJob:
         remove(path, state)
         np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape).flush()
         _reserve_blocks(path)
-        done, notes = np.zeros(shape[0], dtype=bool), {}
+        done, digests, notes = np.zeros(shape[0], bool), np.zeros(shape[0], np.uint64), {}
     else:
-        done, notes = resumed
+        done, digests, notes = resumed
         print(f"{listing.split}: resuming, {int(done.sum())} rows already decoded")
     offset = np.load(path, mmap_mode="r").offset  # header length: rows start here
-    return SplitJob(listing, size, path, offset, done, notes=notes)
+    return SplitJob(listing, size, path, offset, done, digests, notes=notes)
 
 
 def _load_done_mask(
     path: Path, state: Path, listing: Listing, size: int, shape: tuple
-) -> tuple[np.ndarray, dict[int, str]] | None:
-    """Rows of a previous partial run that are still valid, with the notes on them (tiny test
-    images), or None to start afresh."""
+) -> tuple[np.ndarray, np.ndarray, dict[int, str]] | None:
+    """(done-mask, digests, notes on them (tiny test images)) of the rows of a previous
+    partial run that are still valid, or None to start afresh."""
     if not (path.is_file() and state.is_file()):
         return None
     try:
@@ -158,13 +164,23 @@ def _load_done_mask(
             has_notes = "noted" in saved and "notes" in saved
             noted = saved["noted"].tolist() if has_notes else []
             notes = dict(zip(noted, saved["notes"].tolist() if has_notes else [], strict=True))
+            recorded = saved["digests"] if "digests" in saved.files else None
         if layout != listing.layout_key(size) or np.load(path, mmap_mode="r").shape != shape:
             return None
     except (OSError, ValueError, KeyError):
         return None  # a damaged checkpoint only costs a redo
-    # A row whose source file changed since it was decoded is redone.
+    # A row whose source file changed since it was decoded is redone...
     done = done & np.all(stamps == listing.stamps, axis=1)
-    return done, {row: note for row, note in notes.items() if done[row]}
+    # ...and so is one whose bytes changed on disk since (a checkpoint written before row
+    # digests existed adopts the rows as they are).
+    found = digests_on_disk(path, done)
+    if recorded is not None:
+        changed = done & (found != recorded)
+        if changed.any():
+            print(f"{listing.split}: {int(changed.sum())} row(s) changed on disk: redoing them")
+        done &= ~changed
+    digests = np.where(done, found, 0).astype(np.uint64)
+    return done, digests, {row: note for row, note in notes.items() if done[row]}
 
 
 def _reserve_blocks(path: Path) -> None:

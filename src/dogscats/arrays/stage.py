@@ -6,6 +6,7 @@ Out dir (config.arrays_dir(DATA_DIR, size)) after `preprocess`:
   report.csv                      file,split,reason of every left-out train file, and of
                                   each tiny test image (kept: every test id is predicted)
   train_done.json / test_done.json  a finished split's source key (a re-run skips it)
+  train_digests.npy / test_digests.npy  each row's digest (rows.py), checked by every reader
   train.state.npz / test.state.npz  the finished rows' source stamps: when files change, only
                                   their rows are decoded again
   manifest.json                   counts, size, fingerprint; written last, so its presence
@@ -41,6 +42,15 @@ from dogscats.arrays.partial import (
     open_job,
     reopen_finished,
 )
+from dogscats.arrays.rows import (
+    ALGORITHM,
+    block_digests,
+    digests_on_disk,
+    digests_path,
+    read_digests,
+    row_digest,
+    write_digests,
+)
 from dogscats.arrays.sources import FORMAT_VERSION, Listing, list_split
 from dogscats.arrays.workers import Decoder
 from dogscats.data import BadInputError
@@ -54,6 +64,7 @@ from dogscats.store import (
     set_aside,
     write_csv,
     write_json,
+    writer_lock,
 )
 
 MANIFEST = "manifest.json"
@@ -141,6 +152,7 @@ def _finish_split(out: Path, job: SplitJob) -> SplitResult:
         raise BadInputError(f"no image in {listing.folder} could be decoded")
     job.move_into_place(final_array(out, listing.split))
     write_csv(_index_csv(out, listing.split), listing.frame.loc[done].reset_index(drop=True))
+    write_digests(out, listing.split, job.digests[done])
     keep_finished_state(out, listing.split, complete=bool(done.all()))
     result = SplitResult(int(done.sum()), bad, notes)
     key = listing.source_key(job.size)
@@ -181,6 +193,13 @@ def _read_done(out: Path, split: str, key: str) -> SplitResult | None:
     if not _index_csv(out, split).is_file():
         return None
     notes = [tuple(item) for item in stamp.get("notes", [])]
+    digests = read_digests(out, split)
+    if digests is None:  # arrays finished before row digests existed: adopt their rows
+        digests = digests_on_disk(final_array(out, split), np.ones(rows, bool))
+        write_digests(out, split, digests)
+        print(f"{split}: row digests recorded ({digests_path(out, split).name})")
+    if len(digests) != rows:
+        return None
     return SplitResult(stamp["count"], [tuple(item) for item in stamp["bad"]], notes)
 
 
@@ -194,15 +213,23 @@ def preprocess(
     out_dir: str | os.PathLike | None = None,
     workers: int | None = None,
     progress: bool = True,
+    wait: bool = True,
 ) -> dict:
     """Decode and resize every train/test image of DATA_DIR to uint8 arrays; return the manifest.
 
     Bad train files are left out and listed in report.csv; a bad test file raises
     BadInputError naming every bad file. Returns at once when the manifest matches the sources.
+    Another preprocess of the same data set is waited for (`wait` False: BusyError).
     """
     data_dir = Path(os.path.abspath(os.fspath(data_dir)))
     out = Path(out_dir) if out_dir is not None else config.arrays_dir(data_dir, size)
-    workers = workers or os.cpu_count() or 1
+    # One preprocess at a time per arrays root (every size of a data set): two interleaved
+    # runs would write each other's partial arrays. The up-to-date check is inside.
+    with writer_lock(out.parent, "preprocess", wait):
+        return _preprocess(data_dir, size, out, workers or os.cpu_count() or 1, progress)
+
+
+def _preprocess(data_dir: Path, size: int, out: Path, workers: int, progress: bool) -> dict:
     # test first: an unusable test file stops the run before the long train pass.
     listings = {split: list_split(data_dir, split) for split in ("test", "train")}
     sources = digest(*(listings[split].source_key(size) for split in SPLITS))
@@ -226,6 +253,7 @@ def preprocess(
         "data_dir": str(data_dir),
         "counts": {split: results[split].count for split in SPLITS},
         "reported": len(left_out) + len(kept),
+        "row_digests": ALGORITHM,
         "sources": sources,
         "fingerprint": _fingerprint(out, sources, size),
     }
@@ -272,6 +300,62 @@ def _damaged(out: Path, path: Path, why: str) -> NoReturn:
     )
 
 
+class RowCheck:
+    """`check(first, rows)`: rows first.. of a split's array, as a reader got them, against the
+    digests written with them (`check.rows(indices, rows)` for rows picked out of order).
+
+    A mismatch is named by file and row; the array and the manifest are set aside, so that
+    `make` (and `preprocess`) rebuild them. The one exception: rows that match digests a
+    preprocess has written since this check began mean the arrays were rebuilt while being
+    read; nothing is damaged, and the reader is told to run again.
+    """
+
+    def __init__(self, out: Path, split: str, files: pd.Series | None = None):
+        self.out, self.split, self.files = out, split, files
+        manifest = read_manifest(out)
+        self.expected = read_digests(out, split)
+        if manifest.get("row_digests") != ALGORITHM:
+            set_aside(out / MANIFEST)
+            raise DamagedFileError(
+                f"{out / MANIFEST} records no row digests (arrays made by an older version): "
+                "run make (or `make preprocess`) again to add them; no image is decoded again."
+            )
+        if self.expected is None or len(self.expected) != manifest["counts"][split]:
+            _damaged(out, digests_path(out, split), "unreadable, or not one digest per row")
+
+    def __call__(self, first: int, rows: np.ndarray) -> None:
+        self.rows(np.arange(first, first + len(rows)), rows)
+
+    def rows(self, indices: np.ndarray, rows: np.ndarray) -> None:
+        wrong = np.flatnonzero(block_digests(rows) != self.expected[indices])
+        if wrong.size:
+            self._mismatch(int(indices[wrong[0]]), rows[wrong[0]], int(wrong.size))
+
+    def _mismatch(self, row: int, data: np.ndarray, count: int) -> NoReturn:
+        array = final_array(self.out, self.split)
+        now = read_digests(self.out, self.split)
+        if now is not None and row < len(now) and now[row] != self.expected[row]:
+            if now[row] == row_digest(data):
+                raise DamagedFileError(
+                    f"{array} was rebuilt by another preprocess while this run read it: run "
+                    "the same command again."
+                )
+        name = f" ({self.files.iat[row]})" if self.files is not None else ""
+        more = f", and {count - 1} more row(s) of the same batch" if count > 1 else ""
+        _damaged(
+            self.out,
+            array,
+            f"row {row}{name} does not match the digest written with it{more} (changed on "
+            "disk after preprocessing)",
+        )
+
+
+def row_check(out_dir: str | os.PathLike, split: str, index: pd.DataFrame | None = None):
+    """The RowCheck of a split's array (`index`, from load_split, names rows by file)."""
+    files = index["file"] if index is not None and "file" in index else None
+    return RowCheck(Path(out_dir), split, files)
+
+
 def read_manifest(out_dir: str | os.PathLike) -> dict:
     """manifest.json of an arrays folder, with a clear error when preprocessing has not run
     or the file is cut (then it is set aside, so that make runs preprocessing again)."""
@@ -306,7 +390,10 @@ def _up_to_date(out: Path, sources: str) -> dict | None:
     except (FileNotFoundError, ValueError):
         return None
     outputs = [final_array(out, s) for s in SPLITS] + [_index_csv(out, s) for s in SPLITS]
+    outputs += [digests_path(out, s) for s in SPLITS]
     if manifest.get("sources") != sources or not all(path.is_file() for path in outputs):
+        return None
+    if manifest.get("row_digests") != ALGORITHM:  # made before row digests: add them
         return None
     if not all(_whole(out, split, manifest) for split in SPLITS):
         return None
@@ -320,7 +407,10 @@ def _whole(out: Path, split: str, manifest: dict) -> bool:
     except (OSError, ValueError):
         return False
     expected = (manifest["counts"][split], manifest["size"], manifest["size"], 3)
-    return images.shape == expected and images.dtype == np.uint8
+    if images.shape != expected or images.dtype != np.uint8:
+        return False
+    digests = read_digests(out, split)
+    return digests is not None and len(digests) == expected[0]
 
 
 def _date_manifest(out: Path) -> None:

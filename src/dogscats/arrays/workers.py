@@ -23,11 +23,13 @@ from dogscats.arrays.decode import (
     load_image,
     quiet_opencv,
 )
+from dogscats.arrays.rows import row_digest
 
 ROWS_PER_TASK = 64  # per pool task: small IPC, yet a smooth progress bar
 
-# (row, written, reason): not written, why the file is bad; written, None or a note on it.
-RowResult = tuple[int, bool, str | None]
+# (row, written, reason, digest): not written, why the file is bad; written, None or a note on
+# it, and the digest (rows.py) of the very bytes written (0 when not written).
+RowResult = tuple[int, bool, str | None, int]
 KEPT_TINY = "kept and predicted from its upscaled pixels: a submission needs every test id"
 
 
@@ -68,7 +70,7 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 def decode_rows(task: Task) -> tuple[str, list[RowResult]]:
     """Decode a task's files, writing each into its row of the partial array as it comes.
 
-    Returns the array's path with each row's result. A worker stopped mid-task returns
+    Returns the array's path with each row's result and digest. A worker stopped mid-task returns
     nothing, so the parent never counts a row done that was not written.
     """
     row_bytes = task.size * task.size * 3
@@ -81,10 +83,10 @@ def decode_rows(task: Task) -> tuple[str, list[RowResult]]:
             try:
                 note = _load(os.path.join(task.folder, name), task, image)
             except BadImageError as exc:
-                results.append((row, False, exc.reason))
+                results.append((row, False, exc.reason, 0))
                 continue
             _pwrite_all(fd, data, task.offset + row * row_bytes)
-            results.append((row, True, note))
+            results.append((row, True, note, row_digest(data)))  # of the very bytes written
     finally:
         os.close(fd)
     return task.array, results

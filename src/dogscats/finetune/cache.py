@@ -65,12 +65,13 @@ def build_cache(
             log(f"{path} is damaged (cut short or unreadable): set aside, rebuilding it")
             store.set_aside(path)
         if not path.is_file():
-            images, _ = arrays.load_split(arrays_dir, split)
+            images, index = arrays.load_split(arrays_dir, split)
+            check = arrays.row_check(arrays_dir, split, index)  # rows against their digests
             if forward is None:  # the bottom runs at the arrays' size, whatever the registry's
                 sized = dataclasses.replace(spec, input_size=int(images.shape[1]))
                 forward = make_forward(cut.bottom, sized, batch_size, flip=True)
             log(f"Caching {split} maps at {cut.layer} in {path}")
-            _fill_split(path, images, forward, batch_size, dtype, progress)
+            _fill_split(path, images, check, forward, batch_size, dtype, progress)
         maps[split] = np.load(path, mmap_mode="r")
     return maps
 
@@ -96,8 +97,11 @@ def drop_stale_caches(root: Path, source: dict, log: Log) -> None:
             shutil.rmtree(stamp.parent)
 
 
-def _fill_split(path: Path, images, forward, batch_size: int, dtype: str, progress: bool) -> None:
+def _fill_split(
+    path: Path, images, check, forward, batch_size: int, dtype: str, progress: bool
+) -> None:
     """Write one split under its partial name, batch by batch; rename when complete.
+    `check` (arrays.RowCheck) sees every batch of images as read.
 
     The rows done are recorded after each flushed batch, so an interrupted run continues.
     """
@@ -108,12 +112,12 @@ def _fill_split(path: Path, images, forward, batch_size: int, dtype: str, progre
     done = _rows_done(partial, state, shape, dtype)
     mode = "r+" if done else "w+"
     maps = np.lib.format.open_memmap(partial, mode=mode, dtype=dtype, shape=shape)
-    _write_rows(maps, state, images, forward, batch_size, done, path.stem, progress)
+    _write_rows(maps, state, images, check, forward, batch_size, done, path.stem, progress)
     store.move_into_place(partial, path)
     store.remove(state)
 
 
-def _write_rows(maps, state, images, forward, batch_size, done, desc, progress) -> None:
+def _write_rows(maps, state, images, check, forward, batch_size, done, desc, progress) -> None:
     """Run the bottom over rows done.. into `maps`, recording each batch in `state`."""
 
     def write(first: int, outputs: list[np.ndarray]) -> None:
@@ -123,7 +127,7 @@ def _write_rows(maps, state, images, forward, batch_size, done, desc, progress) 
         maps.flush()  # the rows first, then the count that says they are there
         store.write_json(state, {"rows_done": first + len(plain)})
 
-    run_forward(images, forward, batch_size, write, start=done, desc=desc, progress=progress)
+    run_forward(images, forward, batch_size, write, done, desc, progress=progress, check=check)
 
 
 def _rows_done(partial: Path, state: Path, shape: tuple, dtype: str) -> int:

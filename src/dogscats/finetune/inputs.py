@@ -16,6 +16,7 @@ class Source:
     train: np.ndarray
     test: np.ndarray
     cached: bool
+    checks: dict | None = None  # {split: arrays.RowCheck} of images: rows checked as read
 
     @property
     def item_shape(self) -> tuple[int, ...]:
@@ -31,7 +32,10 @@ class Source:
             if both:
                 return np.asarray(data[rows], np.float32)
             return np.asarray(data[rows, pick], np.float32)[:, None]
-        images = np.asarray(data[rows], np.float32)
+        raw = np.asarray(data[rows])
+        if self.checks is not None:
+            self.checks[split].rows(rows, raw)
+        images = raw.astype(np.float32)
         if both:
             return np.stack([images, images[:, :, ::-1]], axis=1)
         return images[:, None]  # random flips come from the augmentation layers

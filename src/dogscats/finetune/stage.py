@@ -80,11 +80,13 @@ def finetune(
     cache_dir: str | os.PathLike | None = None,
     cache_dtype: str = CACHE_DTYPE,
     log: Log = print,
+    wait: bool = True,
 ) -> Path:
     """Fine-tune the top `blocks` blocks of `backbone` on the head run's folds; return `out`.
 
     head_run: the `train` run folder of a head fitted on this backbone's features alone.
     cache_dir: where the maps at the cut are cached (default: the dataset's folder).
+    wait: False refuses (store.BusyError) when another fine-tuning holds the models folder.
     """
     spec = get_backbone(backbone)
     hp = Hyperparameters(
@@ -104,60 +106,63 @@ def finetune(
     models = config.models_dir(data_dir)
     head_path = Path(head_run or models / config.head_run_name([backbone], config.DEFAULT_HEAD))
     out = Path(out or models / config.finetune_run_name(backbone, blocks, augment))
-    manifest = arrays.read_manifest(arrays_dir)
-    train_images, index = arrays.load_split(arrays_dir, "train")
-    head = load_head_run(head_path, index)
-    settings = {
-        "method_version": config.method_version(STAGE),
-        "backbone": backbone,
-        "blocks": blocks,
-        "cut": cut_name,
-        "augment": augment,
-        "weights": _weights_key(weights, seed),
-        "input_size": int(train_images.shape[1]),
-        "fingerprint": manifest["fingerprint"],
-        "head_run": str(head_path.resolve()),
-        "head_run_sha1": store.digest((head_path / "oof.csv").read_bytes()),
-        **dataclasses.asdict(hp),
-        "cache_dtype": cache_dtype if augment == "flip" else None,
-    }
-    inputs = [
-        runs.metrics_path(head_path),
-        arrays_dir / arrays.MANIFEST,
-        config.method_version_file(STAGE),
-    ]
-    inputs += [Path(weights)] if weights not in config.WEIGHT_MODES else []
-    if runs.up_to_date(out, settings, inputs, log):
-        return out
-    if weights == "imagenet" and not spec.offline:
-        resolve_keras_weights(spec, weights_dir)  # fail now, before any long work
-    if head.tta != "flip":
-        log(
-            f"note: the head in {head_path} predicts without flip TTA; fine-tuned predictions "
-            "average plain and mirrored images, so the starting loss differs slightly."
+    # One fine-tuning at a time per models folder (they share the cut cache); the
+    # up-to-date check is inside: the run waited for may have just made `out`.
+    with store.writer_lock(out.parent, "finetune", wait, log):
+        manifest = arrays.read_manifest(arrays_dir)
+        train_images, index = arrays.load_split(arrays_dir, "train")
+        head = load_head_run(head_path, index)
+        settings = {
+            "method_version": config.method_version(STAGE),
+            "backbone": backbone,
+            "blocks": blocks,
+            "cut": cut_name,
+            "augment": augment,
+            "weights": _weights_key(weights, seed),
+            "input_size": int(train_images.shape[1]),
+            "fingerprint": manifest["fingerprint"],
+            "head_run": str(head_path.resolve()),
+            "head_run_sha1": store.digest((head_path / "oof.csv").read_bytes()),
+            **dataclasses.asdict(hp),
+            "cache_dtype": cache_dtype if augment == "flip" else None,
+        }
+        inputs = [
+            runs.metrics_path(head_path),
+            arrays_dir / arrays.MANIFEST,
+            config.method_version_file(STAGE),
+        ]
+        inputs += [Path(weights)] if weights not in config.WEIGHT_MODES else []
+        if runs.up_to_date(out, settings, inputs, log):
+            return out
+        if weights == "imagenet" and not spec.offline:
+            resolve_keras_weights(spec, weights_dir)  # fail now, before any long work
+        if head.tta != "flip":
+            log(
+                f"note: the head in {head_path} predicts without flip TTA; fine-tuned predictions "
+                "average plain and mirrored images, so the starting loss differs slightly."
+            )
+        work = open_work(out, settings, log)
+        began = time.monotonic()
+        job = Job(
+            spec=spec,
+            blocks=blocks,
+            augment=augment,
+            weights=weights,
+            weights_dir=weights_dir,
+            arrays_dir=arrays_dir,
+            cache_root=Path(cache_dir or config.cut_cache_dir(data_dir)),
+            hp=hp,
+            settings=settings,
+            progress=progress,
+            log=log,
         )
-    work = open_work(out, settings, log)
-    began = time.monotonic()
-    job = Job(
-        spec=spec,
-        blocks=blocks,
-        augment=augment,
-        weights=weights,
-        weights_dir=weights_dir,
-        arrays_dir=arrays_dir,
-        cache_root=Path(cache_dir or config.cut_cache_dir(data_dir)),
-        hp=hp,
-        settings=settings,
-        progress=progress,
-        log=log,
-    )
-    net, source, cache_info = _prepare(job, train_images)
-    _, test_index = arrays.load_split(arrays_dir, "test")
-    trainer = Trainer(hp, net, source, head, head.features(index), work, log, progress)
-    results = [trainer.run(fold) for fold in range(head.n_folds)]
-    run_info = {**cache_info, "wall_s": round(time.monotonic() - began, 1)}
-    _write_run(job, out, work, index, test_index, head, results, run_info)
-    return out
+        net, source, cache_info = _prepare(job, train_images, index)
+        _, test_index = arrays.load_split(arrays_dir, "test")
+        trainer = Trainer(hp, net, source, head, head.features(index), work, log, progress)
+        results = [trainer.run(fold) for fold in range(head.n_folds)]
+        run_info = {**cache_info, "wall_s": round(time.monotonic() - began, 1)}
+        _write_run(job, out, work, index, test_index, head, results, run_info)
+        return out
 
 
 def _weights_key(weights: str, seed: int) -> str:
@@ -190,7 +195,9 @@ def open_work(out: Path, settings: dict, log: Log) -> Path:
     return work
 
 
-def _prepare(job: Job, train_images: np.ndarray) -> tuple[FineTuneModel, Source, dict]:
+def _prepare(
+    job: Job, train_images: np.ndarray, train_index: pd.DataFrame
+) -> tuple[FineTuneModel, Source, dict]:
     """Build and cut the backbone; cache the maps at the cut ("flip"); build the model."""
     # Seeds the random weights (the same net on every resume) and the dropout seed generators.
     spec, settings, log = job.spec, job.settings, job.log
@@ -215,8 +222,12 @@ def _prepare(job: Job, train_images: np.ndarray) -> tuple[FineTuneModel, Source,
     if job.augment == "flip":
         source, cache_info = _cached_source(job, cut)
     else:
-        test_images, _ = arrays.load_split(job.arrays_dir, "test")
-        source = Source(train_images, test_images, cached=False)
+        test_images, test_index = arrays.load_split(job.arrays_dir, "test")
+        checks = {
+            split: arrays.row_check(job.arrays_dir, split, index)
+            for split, index in (("train", train_index), ("test", test_index))
+        }
+        source = Source(train_images, test_images, cached=False, checks=checks)
         cache_info = {"cache": None, "cache_wall_s": 0.0}
     net = build_model(cut, spec.name, job.augment, source.item_shape, job.hp.dropout)
     return net, source, cache_info

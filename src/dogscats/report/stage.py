@@ -40,9 +40,16 @@ def write_report(
     labels: str | os.PathLike | None = None,
     progress: bool = True,
     log=print,
+    wait: bool = True,
 ) -> Path:
-    """Write the dataset's report page (and most_wrong.txt beside it); return the page."""
+    """Write the dataset's report page (and most_wrong.txt beside it); return the page.
+    Another report into the same folder is waited for (`wait` False: store.BusyError)."""
     out = Path(out or config.report_path(data_dir))
+    with store.writer_lock(out.parent, "report", wait, log):
+        return _write_report(data_dir, out, run, k, labels, progress, log)
+
+
+def _write_report(data_dir, out: Path, run, k: int, labels, progress: bool, log) -> Path:
     if k < 1:
         raise ValueError(f"K must be at least 1. Received: {k}")
     truth = _check_labels(labels)
