@@ -50,6 +50,13 @@ def _backbone_source(p: argparse.ArgumentParser) -> None:
         help="folder with the standard Keras *_notop.h5 files (offline)",
     )
     p.add_argument("--arrays", help="arrays folder; default per dataset and input size")
+    p.add_argument(
+        "--runtime",
+        default="auto",
+        choices=config.RUNTIMES,
+        help="forward passes: keras, litert, or auto (litert on a CPU where it matches)",
+    )
+    p.add_argument("--workers", type=int, default=None, help="LiteRT threads (all cores)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,6 +197,8 @@ def features_cmd(args):
         out=args.out,
         devices=args.devices,
         layer=args.layer or None,
+        runtime=args.runtime,
+        workers=args.workers,
     )
 
 
@@ -266,6 +275,8 @@ def finetune_cmd(args):
         arrays_dir=args.arrays,
         out=args.out,
         seed=args.seed,
+        runtime=args.runtime,
+        workers=args.workers,
         **_given_hyperparameters(args),
     )
 
