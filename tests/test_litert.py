@@ -92,11 +92,15 @@ def test_export_cache_is_reused_and_keyed_by_weights_and_size(keras_home):
 def test_damaged_export_is_set_aside_and_rebuilt(keras_home):
     model, spec = _tiny(16)
     path = litert.export(model, spec, spec.name, log=lambda line: None)
-    path.write_bytes(path.read_bytes()[:200])  # cut short behind the tool's back
-    lines: list[str] = []
-    again = litert.export(model, spec, spec.name, log=lines.append)
-    assert again == path and path.with_name(path.name + ".damaged").is_file()
-    assert "damaged" in lines[0] and len(lines[0].splitlines()) == 1
+    whole = path.read_bytes()
+    shifted, _ = _tiny(16, shift=0.05)
+    loads_but_differs = litert.export(shifted, spec, spec.name, log=lambda line: None)
+    for damage in (whole[:200], loads_but_differs.read_bytes()):  # cut short; another net's
+        path.write_bytes(damage)  # behind the tool's back
+        lines: list[str] = []
+        again = litert.export(model, spec, spec.name, log=lines.append)
+        assert again == path and path.with_name(path.name + ".damaged").is_file()
+        assert "damaged" in lines[0] and len(lines[0].splitlines()) == 1
     forward = litert.LiteForward(again, spec, 2, flip=True, threads=1)
     batch = litert.check_batch(16)[:2]
     plain, mirrored = forward.run(batch)

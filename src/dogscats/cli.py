@@ -52,7 +52,7 @@ def _backbone_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arrays", help="arrays folder; default per dataset and input size")
     p.add_argument(
         "--runtime",
-        default="auto",
+        default=os.environ.get("RUNTIME") or "auto",  # as make's RUNTIME, which reads it too
         choices=config.RUNTIMES,
         help="forward passes: keras, litert, or auto (litert on a CPU where it matches)",
     )
