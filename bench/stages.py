@@ -454,8 +454,12 @@ def measure_litert(ctx: Context) -> dict:
 
     plan = ctx.plan
     names = list(plan.litert_backbones or offline_backbones())
+    # Random weights (the quick run's) are exported into the scratch folder, not the cache of
+    # real ones.
+    random = plan.litert_weights == "random"
     result = in_child(
         "litert",
+        env={"KERAS_HOME": str(ctx.work / "keras")} if random else None,
         backbones=names,
         weights=plan.litert_weights,
         batch_size=plan.batch_size,
