@@ -21,6 +21,7 @@ BATCH_SIZE ?= 32
 DEVICES ?= auto
 CLIP ?= auto
 WORKERS ?=
+RUNTIME ?= auto
 LAYER ?=
 BACKBONE ?= efficientnet_lite0
 BLOCKS ?= 1
@@ -57,7 +58,7 @@ PLAN_ARGS := --data-dir '$(DATA_DIR)' --backbones '$(BACKBONES)' --head '$(HEAD)
 	--ft-head '$(FT_HEAD)' --layer '$(LAYER)' --ft-epochs '$(FT_EPOCHS)' --ft-learning-rate '$(FT_LR)' \
 	--ft-batch-size '$(FT_BATCH)' --ft-patience '$(FT_PATIENCE)' --ft-dropout '$(FT_DROPOUT)' \
 	--norm '$(NORM)' --exclude '$(EXCLUDE)' --runs '$(RUNS)' \
-	--batch-size '$(BATCH_SIZE)' --workers '$(WORKERS)' --no-wait '$(NO_WAIT)' \
+	--batch-size '$(BATCH_SIZE)' --workers '$(WORKERS)' --no-wait '$(NO_WAIT)' --runtime '$(RUNTIME)' \
 	$(if $(filter finetune,$(HEAD) $(MAKECMDGOALS)),--finetune)
 # The venv's Python once it exists: a named KerasHub preset (BACKBONES=hub:...) is sized by
 # KerasHub, installed there; every other plan needs only the standard library.
@@ -138,7 +139,7 @@ $(sort $(FEATURE_FILES) $(FT_HEAD_FEATURES)): | $(SETUP)
 	$(CLI) features --data-dir '$(DATA_DIR)' --backbone $(EXTRACT_BACKBONE) --weights $(WEIGHTS) \
 		--tta $(EXTRACT_TTA) --precision $(PRECISION) --batch-size $(BATCH_SIZE) \
 		--devices '$(DEVICES)' --arrays $(EXTRACT_ARRAYS) --out $@ $(if $(EXTRACT_LAYER),--layer $(EXTRACT_LAYER)) \
-		$(LOCK_FLAGS)
+		--runtime '$(RUNTIME)' $(if $(WORKERS),--workers $(WORKERS)) $(LOCK_FLAGS)
 
 # $(call train_head,feature files,run folder,head,normalisation[,exclude list])
 train_head = $(CLI) train --features $(1) --out $(2) --head $(3) --tta $(TTA) --folds $(FOLDS) --seed $(SEED) \
@@ -157,7 +158,8 @@ endif
 $(FT_RUN_DIR)/metrics.json: $(FT_HEAD_RUN)/metrics.json $(FT_ARRAYS)/manifest.json $(FINETUNE_VERSION) | $(SETUP)
 	$(CLI) finetune --data-dir '$(DATA_DIR)' --backbone $(BACKBONE) --blocks $(BLOCKS) \
 		--head-run $(FT_HEAD_RUN) --augment $(AUGMENT) --weights $(WEIGHTS) --seed $(SEED) \
-		--arrays $(FT_ARRAYS) --out $(@D) $(FT_FLAGS) $(LOCK_FLAGS)
+		--arrays $(FT_ARRAYS) --out $(@D) $(FT_FLAGS) --runtime '$(RUNTIME)' $(if $(WORKERS),--workers $(WORKERS)) \
+		$(LOCK_FLAGS)
 
 # SUBMISSION (what `make score` reads) may name another run's file, a blend's: never a rule.
 $(SUBMISSION_FILE): $(RUN_DIR)/metrics.json $(wildcard $(DATA_DIR)/sample_submission.csv) | $(SETUP)

@@ -14,6 +14,7 @@ STAGES = (
     "precision",
     "allocator",
     "finetune",
+    "litert",
 )
 
 
@@ -49,6 +50,10 @@ class Plan:
     finetune_batches: int = 8  # per epoch (the last one partial, as in a real fold)
     finetune_epochs: int = 3
     finetune_variants: tuple[str, ...] = ("flip", "full", "full_bare")  # stages.FINETUNE_VARIANTS
+    litert_backbones: tuple[str, ...] = ()  # empty: BACKBONES=offline, each at its size
+    litert_weights: str = "imagenet"  # real weights: the match check means something with them
+    litert_rounds: int = 4  # alternations of TensorFlow and LiteRT
+    litert_calls: int = 4  # forward calls of each per round
 
 
 QUICK = Plan(
@@ -70,6 +75,10 @@ QUICK = Plan(
     finetune_batches=3,
     finetune_epochs=2,
     finetune_variants=("flip",),
+    litert_backbones=("efficientnet_lite0",),
+    litert_weights="random",
+    litert_rounds=1,
+    litert_calls=1,
 )
 
 

@@ -27,6 +27,15 @@ def targets(results: dict) -> list[tuple[str, str, bool]]:
             measured = f"{check['share']:.2%} ({check['check_s'] * 1000:.0f} ms)"
             target = f"features {name}: row-digest check < 2% of extraction"
             rows.append((target, measured, check["share"] < 0.02))
+    for name, b in results.get("litert", {}).get("backbones", {}).items():
+        target = 1.5 if name == "efficientnet_lite2_330" else 1.0
+        rows.append(
+            (
+                f"LiteRT {name} @{b['input_size']} >= {target}x TensorFlow's bare forward",
+                f"{b['speedup']:.2f}x",
+                b["speedup"] >= target,
+            )
+        )
     points = results.get("scaling", {}).get("points", {})
     for stage in ("preprocess", "features") if points else ():
         small, large = _peak_mb(points["1N"][stage]), _peak_mb(points["4N"][stage])
@@ -391,6 +400,30 @@ def _section_finetune(r: dict) -> list[str]:
     ]
 
 
+def _section_litert(r: dict) -> list[str]:
+    rows = [
+        f"{name} | {b['input_size']} | {b['rate']['tensorflow']:.1f} | "
+        f"{b['rate']['litert']:.1f} | {b['speedup']:.2f}x | {b['max_abs_diff']:.2g} | "
+        f"{b['export_or_load_s']:.1f}"
+        for name, b in r["backbones"].items()
+    ]
+    return [
+        "RUNTIME=litert's forward pass (the export `extract` runs: the cast to float32 and the "
+        f"interpreter on {r['workers']} threads) against TensorFlow's bare compiled forward "
+        f"pass (`features.build_forward`, RUNTIME=keras), batch {r['batch_size']}, "
+        f"{r['weights']} weights, each backbone at its default size; both in one process, "
+        f"alternated {r['rounds']} rounds of {r['calls']} calls each; img/s from the median "
+        "call. Difference: the largest absolute difference of their features on one batch. "
+        "Export: building the LiteRT model, or loading it from the cache ($KERAS_HOME/litert).",
+        "",
+        *_table(
+            "backbone | size | TensorFlow img/s | LiteRT img/s | LiteRT / TensorFlow | "
+            "difference | export or load s",
+            rows,
+        ),
+    ]
+
+
 SECTIONS: list[tuple[str, str, Callable[[dict], list[str]]]] = [
     ("1. Preprocessing", "preprocess", _section_preprocess),
     ("2. Feature extraction", "features", _section_features),
@@ -400,6 +433,7 @@ SECTIONS: list[tuple[str, str, Callable[[dict], list[str]]]] = [
     ("6. Precision: bfloat16 against float32", "precision", _section_precision),
     ("7. TensorFlow's CPU allocator", "allocator", _section_allocator),
     ("8. Fine-tuning against the forward pass", "finetune", _section_finetune),
+    ("9. LiteRT against TensorFlow's forward pass", "litert", _section_litert),
 ]
 
 

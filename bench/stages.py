@@ -455,6 +455,38 @@ FINETUNE_VARIANTS = {  # name: (AUGMENT, with the random-transform layers, what 
 }
 
 
+def measure_litert(ctx: Context) -> dict:
+    """LiteRT's forward pass against TensorFlow's bare one, for each offline backbone at its
+    default size, in one child process, alternated round by round (tasks.task_litert)."""
+    from dogscats.backbones import offline_backbones  # stdlib-only module
+
+    plan = ctx.plan
+    names = list(plan.litert_backbones or offline_backbones())
+    # Random weights (the quick run's) are exported into the scratch folder, not the cache of
+    # real ones.
+    random = plan.litert_weights == "random"
+    result = in_child(
+        "litert",
+        env={"KERAS_HOME": str(ctx.work / "keras")} if random else None,
+        backbones=names,
+        weights=plan.litert_weights,
+        batch_size=plan.batch_size,
+        rounds=plan.litert_rounds,
+        calls=plan.litert_calls,
+        workers=plan.workers,
+    )
+    for name, row in result["backbones"].items():
+        print(f"  {name}: litert / tensorflow speed = {row['speedup']:.2f}", flush=True)
+    return {
+        **result,
+        "batch_size": plan.batch_size,
+        "weights": plan.litert_weights,
+        "workers": plan.workers,
+        "rounds": plan.litert_rounds,
+        "calls": plan.litert_calls,
+    }
+
+
 def measure_finetune(ctx: Context) -> dict:
     """model.fit of the fine-tuning model (BLOCKS=1) on the backend and device in use, each
     variant in a fresh process: training images/s after the first epoch, against the bare
@@ -495,4 +527,5 @@ MEASUREMENTS: dict[str, Callable[[Context], dict]] = {
     "precision": measure_precision,
     "allocator": measure_allocator,
     "finetune": measure_finetune,
+    "litert": measure_litert,
 }

@@ -302,6 +302,7 @@ def task_features(
     bare = _time_forward(forward, batch, calls // 2)
     bare_cpu = time.process_time() - cpu
     pipeline = _timed_extract(
+        runtime="keras",  # this row prices the loop around TensorFlow's step; litert has its own
         data_dir=data_dir,
         backbone=backbone,
         weights=weights,
@@ -379,6 +380,52 @@ def task_row_check(arrays_dir: str, batch_size: int, repeats: int = 3) -> dict:
         "check_s": min(timed["check"]),
         "crc32_s": min(timed["crc32"]),
     }
+
+
+def task_litert(
+    backbones: list[str], weights: str, batch_size: int, rounds: int, calls: int, workers: int
+) -> dict:
+    """LiteRT's forward pass (the one `extract` runs with RUNTIME=litert: reader-side cast,
+    interpreter on `workers` threads) against TensorFlow's bare compiled forward pass, per
+    backbone at its registry size, on one real-sized batch, alternated round by round in this
+    one process so that the machine's load hits both alike. Export (or cache) time apart."""
+    import numpy as np
+
+    from dogscats import features
+    from dogscats.backbones import get_backbone
+
+    rows = {}
+    for name in backbones:
+        spec = get_backbone(name)
+        keras_step = features.build_forward(spec, weights, None, "float32", batch_size, "none")
+        start = time.perf_counter()
+        lite_step = features.build_forward(
+            spec, weights, None, "float32", batch_size, "none", runtime="litert", workers=workers
+        )
+        export_s = time.perf_counter() - start
+        batch = np.random.default_rng(0).integers(
+            0, 256, (batch_size, spec.input_size, spec.input_size, 3), dtype=np.uint8
+        )
+        difference = float(np.abs(keras_step.run(batch)[0] - lite_step.run(batch)[0]).max())
+        steps = {"tensorflow": keras_step, "litert": lite_step}
+        for step in steps.values():
+            _time_forward(step, batch, 2)  # warm up
+        times: dict[str, list[float]] = {runtime: [] for runtime in steps}
+        for round_ in range(rounds):
+            order = list(steps) if round_ % 2 == 0 else list(steps)[::-1]
+            for runtime in order:
+                times[runtime] += _time_forward(steps[runtime], batch, calls)
+        medians = {runtime: _median(t) for runtime, t in times.items()}
+        rows[name] = {
+            "input_size": spec.input_size,
+            "export_or_load_s": export_s,
+            "max_abs_diff": difference,
+            "median_s": medians,
+            "rate": {runtime: batch_size / m for runtime, m in medians.items()},
+            "speedup": medians["tensorflow"] / medians["litert"],
+            "calls": {runtime: len(t) for runtime, t in times.items()},
+        }
+    return {"backbones": rows}
 
 
 def task_precision(
@@ -581,6 +628,7 @@ TASKS: dict[str, Callable[..., dict]] = {
     "row_check": task_row_check,
     "precision": task_precision,
     "finetune": task_finetune,
+    "litert": task_litert,
 }
 
 

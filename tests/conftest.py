@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Tests run Keras's forward pass unless they ask for LiteRT (tests/test_litert.py): `make` and
+# the CLI would otherwise export every backbone a test extracts (seconds each) into KERAS_HOME.
+os.environ["RUNTIME"] = "keras"
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -98,6 +98,8 @@ def test_measured_figures_are_positive(quick_run):
     assert 0 < precision["heads"]["float32"]["log_loss"] < 10
     assert set(precision["speedups"]) == {"efficientnet_lite0"}
     assert all(e["seconds"] > 0 and e["cpu_s"] > 0 for e in precision["extract"].values())
+    lite = results["litert"]["backbones"]["efficientnet_lite0"]
+    assert lite["speedup"] > 0 and lite["max_abs_diff"] <= 1e-4 and lite["input_size"] == 224
     numbers = list(positive_numbers({k: v for k, v in results.items() if k != "precision"}))
     assert numbers and all(n >= 0 for n in numbers)
 

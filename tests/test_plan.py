@@ -69,6 +69,8 @@ def test_finetune_adds_its_backbone_and_names_its_flags():
         ({"weights": "nowhere.h5"}, "WEIGHTS must be one of imagenet, random or the path"),
         ({"batch_size": "0"}, "BATCH_SIZE must be a whole number >= 1"),
         ({"workers": "two"}, "WORKERS must be a whole number >= 1"),
+        ({"runtime": "fast"}, "RUNTIME must be one of auto, keras, litert"),
+        ({"runtime": "litert", "precision": "bfloat16"}, "PRECISION=bfloat16 needs RUNTIME=keras"),
         ({"hyperparameters": {"learning_rate": "fast"}}, "FT_LR (peak Adam learning rate)"),
         ({"hyperparameters": {"dropout": "1.5"}}, "FT_DROPOUT (dropout before the dense head)"),
         ({"hyperparameters": {"epochs": "2.5"}}, "FT_EPOCHS (most epochs per fold) must be a"),

@@ -52,6 +52,13 @@ def _backbone_source(p: argparse.ArgumentParser) -> None:
         help="folder with the standard Keras *_notop.h5 files (offline)",
     )
     p.add_argument("--arrays", help="arrays folder; default per dataset and input size")
+    p.add_argument(
+        "--runtime",
+        default=os.environ.get("RUNTIME") or "auto",  # as make's RUNTIME, which reads it too
+        choices=config.RUNTIMES,
+        help="forward passes: keras, litert, or auto (litert on a CPU where it matches)",
+    )
+    p.add_argument("--workers", type=int, default=None, help="LiteRT threads (all cores)")
 
 
 def _no_wait(p: argparse.ArgumentParser) -> None:
@@ -207,6 +214,8 @@ def features_cmd(args):
         devices=args.devices,
         layer=args.layer or None,
         wait=not args.no_wait,
+        runtime=args.runtime,
+        workers=args.workers,
     )
 
 
@@ -308,6 +317,8 @@ def finetune_cmd(args):
         out=args.out,
         seed=args.seed,
         wait=not args.no_wait,
+        runtime=args.runtime,
+        workers=args.workers,
         **_given_hyperparameters(args),
     )
 

@@ -33,6 +33,9 @@ DEFAULT_NORM = "ssr_l2"
 PRECISIONS = ("float32", "bfloat16")
 WEIGHT_MODES = ("imagenet", "random")  # or the path of a weights file
 AUGMENTS = ("flip", "full")
+# What runs the forward passes (litert.py): Keras's compiled step, or a LiteRT export of it;
+# auto = litert on a CPU under TensorFlow where the export matches Keras, else keras.
+RUNTIMES = ("auto", "keras", "litert")
 # Kaggle's file names: train/cat.N.jpg, train/dog.N.jpg (label from the name), test/N.jpg (id).
 TRAIN_NAME = re.compile(r"(cat|dog)\.(\d+)\.jpg")
 TEST_NAME = re.compile(r"(\d+)\.jpg")

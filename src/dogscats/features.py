@@ -4,7 +4,8 @@ File layout (one per backbone and settings):
     train/features, train/features_flip (TTA=flip), train/ids, train/labels, train/zeroshot...
     test/...    the same without labels
     attrs: backbone, input_size, feature_dim, weights, weights_source, preprocess, precision,
-           tta, fingerprint (of the image arrays), keras_version, keras_backend and its version;
+           tta, fingerprint (of the image arrays), keras_version, keras_backend and its version,
+           runtime (keras or litert: provenance only, litert's exports match Keras's);
            and layer, when the features pool an inner layer (LAYER) rather than the output.
 The file is filled under a `.partial` name, batch by batch, and renamed when complete: an
 interrupted run leaves no final file, and a re-run continues from the last batch written.
@@ -24,11 +25,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from dogscats import arrays, config, store
+from dogscats import arrays, config, litert, store
 from dogscats.backbones import BackboneSpec, build_backbone, get_backbone, resolve_keras_weights
 from dogscats.backbones import layers as backbone_layers
 from dogscats.backbones.weights import check_keras_weights
-from dogscats.forward import Forward, check_devices, make_forward, place, run_forward
+from dogscats.forward import Forward, check_devices, place, run_forward
 from dogscats.store import SPLITS
 
 # ImageNet-1k class ranges used by the zero-shot head: dogs 151-268, cats 281-285.
@@ -96,14 +97,19 @@ def extract(
     progress: bool = True,
     devices: str = "auto",
     layer: str | None = None,
+    runtime: str = "keras",
+    workers: int | None = None,
     wait: bool = True,
 ) -> Path:
     """Write (or find up to date) the feature file of one backbone; return its path.
     `layer`: pool that layer's output instead of the backbone's last (checked first).
+    `runtime`: keras (here), litert or auto (the CLI's and make's default; litert.py);
+    `workers`: the interpreter's threads (default every core).
     Another extraction into the same folder is waited for (`wait` False: BusyError)."""
     spec = get_backbone(backbone)
     _check_choice("TTA", tta, ("none", "flip"))
     _check_choice("PRECISION", precision, ("float32", "bfloat16"))
+    _check_choice("RUNTIME", runtime, config.RUNTIMES)
     if layer:
         backbone_layers.layer_dim(spec.name, layer)  # a wrong name stops here, in seconds
     arrays_dir = Path(arrays_dir or config.arrays_dir(data_dir, spec.input_size))
@@ -128,6 +134,8 @@ def extract(
             progress,
             devices,
             layer,
+            runtime,
+            workers,
         )
 
 
@@ -143,6 +151,8 @@ def _extract(
     progress,
     devices,
     layer,
+    runtime,
+    workers,
 ) -> Path:
     """`extract` under its lock: the up-to-date check, then the whole extraction."""
     manifest = arrays.read_manifest(arrays_dir)
@@ -161,11 +171,13 @@ def _extract(
     partial = store.partial_path(out)
     needed = _bytes_needed(manifest["counts"], spec.feature_dim, tta)
     _check_room(partial, needed)
-    forward = build_forward(spec, weights, weights_dir, precision, batch_size, tta, devices, layer)
+    forward = build_forward(
+        spec, weights, weights_dir, precision, batch_size, tta, devices, layer, runtime, workers
+    )
     batch_size = forward.batch_size
     print(f"Forward pass: {forward.placement.describe()}, batch {batch_size}", flush=True)
     with _write_errors(partial, needed):
-        with h5py.File(_open_partial(partial, wanted), "a") as handle:
+        with h5py.File(_open_partial(partial, wanted, forward.runtime), "a") as handle:
             for split in SPLITS:
                 images, index = arrays.load_split(arrays_dir, split)
                 check = arrays.row_check(arrays_dir, split, index)  # rows against their digests
@@ -324,14 +336,25 @@ def build_forward(
     tta: str,
     devices: str = "auto",
     layer: str | None = None,
-) -> Forward:
-    """The compiled forward pass `extract` runs (bench/ measures this same one): the model
-    built on `devices`, a batch rounded up to split over them, the mirrored pass with flip."""
+    runtime: str = "keras",
+    workers: int | None = None,
+) -> Forward | litert.LiteForward:
+    """The forward pass `extract` runs (bench/ measures this same one): the model built on
+    `devices`, a batch rounded up to split over them, the mirrored pass with flip; compiled by
+    Keras, or exported to LiteRT as `runtime` says (litert.forward)."""
     where = place(devices)
     with where.scope():
         model = build_model(spec, weights, weights_dir, precision, layer)
     batch_size = where.batch_size(batch_size)
-    return make_forward(model, spec, batch_size, flip=(tta == "flip"), where=where)
+    flip = tta == "flip"
+    name = config.layer_stem(spec.name, layer)
+    return litert.forward(
+        model, spec, batch_size, flip, where, runtime, precision, workers, name, log=_say
+    )
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
 
 
 def build_model(
@@ -360,7 +383,7 @@ def build_model(
         keras.mixed_precision.set_global_policy("float32")
 
 
-def _open_partial(partial: Path, wanted: dict[str, object]) -> Path:
+def _open_partial(partial: Path, wanted: dict[str, object], runtime: str) -> Path:
     """Keep a partial file written with the same settings (resume); otherwise start afresh."""
     if partial.exists() and store.changed_settings(stored_attrs(partial, wanted), wanted):
         partial.unlink()
@@ -368,6 +391,7 @@ def _open_partial(partial: Path, wanted: dict[str, object]) -> Path:
     with h5py.File(partial, "a") as handle:
         handle.attrs.update(wanted)
         handle.attrs.update(_versions())
+        handle.attrs["runtime"] = runtime  # of the run that wrote the last rows
     return partial
 
 

@@ -200,6 +200,8 @@ class Forward:
     batch of the compiled shape and returns backend tensors without waiting for them (JAX
     dispatches asynchronously); `fetch` turns them into float32 NumPy arrays."""
 
+    runtime = "keras"  # what the feature file records (litert.LiteForward is the other)
+
     def __init__(self, model, spec: BackboneSpec, batch_size: int, flip: bool, where: Placement):
         if batch_size % len(where.devices):
             raise DeviceError(

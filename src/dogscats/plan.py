@@ -43,6 +43,7 @@ class Variables:
     batch_size: str = "32"
     workers: str = ""  # empty: all cores
     no_wait: str = ""  # 1: a stage refuses, rather than waits, when another run holds its lock
+    runtime: str = "auto"  # what runs the forward passes (litert.py)
     layer: str = ""  # pool this layer of each of BACKBONES instead of its output
     finetune: bool = False  # HEAD=finetune or `make finetune`: BACKBONE's arrays are needed
     hyperparameters: dict[str, str] = field(default_factory=dict)  # FT_* set on the command line
@@ -73,6 +74,7 @@ def _check(v: Variables) -> None:
         ("NORM", v.norm, config.NORMALISATIONS),
         ("PRECISION", v.precision, config.PRECISIONS),
         ("AUGMENT", v.augment, config.AUGMENTS),
+        ("RUNTIME", v.runtime, config.RUNTIMES),
     ):
         if value not in choices:
             raise ValueError(f"{name} must be one of {', '.join(choices)}. Received: {value!r}")
@@ -106,6 +108,11 @@ def _check(v: Variables) -> None:
         raise ValueError(
             f"LAYER={v.layer} applies to the features of BACKBONES, not to fine-tuning, which "
             "cuts the backbone at its blocks (BLOCKS). Leave LAYER empty with HEAD=finetune."
+        )
+    if v.runtime == "litert" and v.precision != "float32":
+        raise ValueError(
+            f"RUNTIME=litert runs float32 exports; PRECISION={v.precision} needs RUNTIME=keras "
+            "(or auto, which then picks keras)."
         )
     if not _LAYER_NAME.fullmatch(v.layer):
         raise ValueError(f"LAYER must be a Keras layer name. Received: {v.layer!r}")

@@ -24,14 +24,14 @@ SPLITS = ("train", "test")
 
 
 # Suffixes that stay last in a partial name: NumPy appends `.npy` to any other name, and Keras
-# refuses to save under any other name.
-_KEPT_SUFFIXES = (".npy", ".weights.h5", ".keras")
+# refuses to save (or export to LiteRT) under any other name.
+_KEPT_SUFFIXES = (".npy", ".weights.h5", ".keras", ".tflite")
 
 
 def partial_path(path: str | os.PathLike) -> Path:
     """Where `path` is written until it is complete: `name.partial` in the same folder
-    (a rename within one folder is atomic). For a `.npy`, `.weights.h5` or `.keras` the suffix
-    stays last, so NumPy and Keras accept it: `train.partial.npy`."""
+    (a rename within one folder is atomic). For a `.npy`, `.weights.h5`, `.keras` or
+    `.tflite` the suffix stays last, so NumPy and Keras accept it: `train.partial.npy`."""
     path = Path(path)
     for suffix in _KEPT_SUFFIXES:
         stem = path.name.removesuffix(suffix)

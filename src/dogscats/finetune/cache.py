@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from dogscats import arrays, store
+from dogscats import arrays, litert, store
 from dogscats.backbones import BackboneSpec
 from dogscats.finetune.hparams import Log
 from dogscats.finetune.model import Cut
-from dogscats.forward import make_forward, run_forward
+from dogscats.forward import place, run_forward
 
 CACHE_FORMAT = 1  # bump when the cache layout changes
 CACHE_SOURCE = "source.json"  # in each cache folder: the arrays it was made from
@@ -47,8 +47,12 @@ def build_cache(
     dtype: str,
     progress: bool,
     log: Log,
+    runtime: str = "keras",
+    workers: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Maps at the cut of every image, plain and mirrored: {split: (N, 2, h, w, c) memmap}."""
+    """Maps at the cut of every image, plain and mirrored: {split: (N, 2, h, w, c) memmap}.
+    `runtime`: what runs the bottom (litert.forward; on LiteRT it is exported as its own
+    model, so the maps match Keras's within litert.MATCH_TOLERANCE)."""
     source = {
         "arrays": str(Path(arrays_dir).resolve()),
         "fingerprint": arrays.read_manifest(arrays_dir)["fingerprint"],
@@ -69,7 +73,18 @@ def build_cache(
             check = arrays.row_check(arrays_dir, split, index)  # rows against their digests
             if forward is None:  # the bottom runs at the arrays' size, whatever the registry's
                 sized = dataclasses.replace(spec, input_size=int(images.shape[1]))
-                forward = make_forward(cut.bottom, sized, batch_size, flip=True)
+                forward = litert.forward(
+                    cut.bottom,
+                    sized,
+                    batch_size,
+                    True,
+                    place("1"),
+                    runtime,
+                    workers=workers,
+                    name=f"{spec.name}@cut-{cut.layer}",
+                    log=log,
+                )
+                log(f"Cut cache forward pass: {forward.placement.describe()}")
             log(f"Caching {split} maps at {cut.layer} in {path}")
             _fill_split(path, images, check, forward, batch_size, dtype, progress)
         maps[split] = np.load(path, mmap_mode="r")

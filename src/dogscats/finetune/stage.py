@@ -56,6 +56,8 @@ class Job:
     settings: dict  # recorded in metrics.json: the up-to-date stamp (runs.up_to_date)
     progress: bool
     log: Log
+    runtime: str = "keras"  # of the cut cache's forward pass (litert.py)
+    workers: int | None = None  # LiteRT's threads (default every core)
 
 
 def finetune(
@@ -81,12 +83,15 @@ def finetune(
     cache_dtype: str = CACHE_DTYPE,
     log: Log = print,
     wait: bool = True,
+    runtime: str = "keras",
+    workers: int | None = None,
 ) -> Path:
     """Fine-tune the top `blocks` blocks of `backbone` on the head run's folds; return `out`.
 
     head_run: the `train` run folder of a head fitted on this backbone's features alone.
     cache_dir: where the maps at the cut are cached (default: the dataset's folder).
     wait: False refuses (store.BusyError) when another fine-tuning holds the models folder.
+    runtime: what fills that cache: keras, litert or auto (the CLI's default; litert.py).
     """
     spec = get_backbone(backbone)
     hp = Hyperparameters(
@@ -155,6 +160,8 @@ def finetune(
             settings=settings,
             progress=progress,
             log=log,
+            runtime=runtime,
+            workers=workers,
         )
         net, source, cache_info = _prepare(job, train_images, index)
         _, test_index = arrays.load_split(arrays_dir, "test")
@@ -247,6 +254,8 @@ def _cached_source(job: Job, cut) -> tuple[Source, dict]:
         settings["cache_dtype"],
         job.progress,
         job.log,
+        job.runtime,
+        job.workers,
     )
     source = Source(maps["train"], maps["test"], cached=True)
     return source, {"cache": str(folder), "cache_wall_s": round(time.monotonic() - began, 1)}
