@@ -11,6 +11,8 @@ import os
 import re
 from pathlib import Path
 
+from dogscats import store
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA_DIR = PROJECT_ROOT / "data"
 FEATURES_DIR = PROJECT_ROOT / "features"
@@ -195,7 +197,7 @@ def head_run_name(
 ) -> str:
     """e.g. `efficientnet_lite0+efficientnet_lite1__logreg__flip`, `vgg16@block4_pool__logreg`;
     a normalisation other than "standard" adds its name (`__ssr_l2`), an EXCLUDE list its
-    file's stem (`__excl-mislabelled-train`)."""
+    file's stem and a digest of its content (`__excl-mislabelled-train-1a2b3c4d`)."""
     stems = "+".join(layer_stem(name, layer) for name in backbones)
     norm = "" if normalise == "standard" else f"__{normalise}"
     suffix = f"{settings_suffix(**settings)}{norm}{exclude_suffix(exclude)}"
@@ -203,10 +205,18 @@ def head_run_name(
 
 
 def exclude_suffix(exclude: str | os.PathLike = "") -> str:
+    """The run name's part for an EXCLUDE list: its stem for people, the digest of its content
+    for identity, so that two lists of one file name (or one list edited) never share a run."""
     if not exclude:
         return ""
     stem = "".join(c if c.isalnum() or c in "-_" else "-" for c in Path(exclude).stem)
-    return f"__excl-{stem}"
+    return f"__excl-{stem}-{file_digest(exclude)[:8]}"
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """The digest of a file's content (store.digest of its bytes): what names and settings
+    record of an input file, so that its identity is what it holds, not where it lies."""
+    return store.digest(Path(path).read_bytes())
 
 
 BLEND_PREFIX = "blend__"

@@ -40,6 +40,9 @@ class Variables:
     norm: str = config.DEFAULT_NORM  # logreg's input normalisation (HEAD=logreg only)
     exclude: str = ""  # a list of train files left out of the head's fits (exclude.py)
     runs: str = ""  # make blend: run names or folders; empty = every finished run
+    weights_dir: str = ""  # offline Keras weights (exported to the stages)
+    submission: str = ""  # make score's file, when given (else the plan's SUBMISSION_FILE)
+    labels: str = ""  # make score's and report's labels, when given
     batch_size: str = "32"
     workers: str = ""  # empty: all cores
     layer: str = ""  # pool this layer of each of BACKBONES instead of its output
@@ -65,6 +68,7 @@ def _check(v: Variables) -> None:
     """Every make variable, checked before any work: a bad one stops make in its first second
     with the valid values. The one place of these checks (the stages re-check only what they
     are called with directly)."""
+    _check_paths(v)
     for name, value, choices in (
         ("HEAD", v.head, (*config.HEADS, "finetune")),
         ("FT_HEAD", v.ft_head, config.HEADS),
@@ -93,11 +97,6 @@ def _check(v: Variables) -> None:
             f"EXCLUDE={v.exclude}: no such file. Give a list of train file names, one per "
             "line, e.g. EXCLUDE=lists/mislabelled-train.txt"
         )
-    if " " in os.path.abspath(v.data_dir):
-        raise ValueError(
-            f"DATA_DIR={v.data_dir!r}: make cannot handle spaces in paths; link the folder to "
-            "a path without them"
-        )
     _check_folds_fit(v.data_dir, int(v.folds))
     if v.layer and (v.head == "finetune" or v.finetune):
         raise ValueError(
@@ -106,6 +105,54 @@ def _check(v: Variables) -> None:
         )
     if not _LAYER_NAME.fullmatch(v.layer):
         raise ValueError(f"LAYER must be a Keras layer name. Received: {v.layer!r}")
+
+
+# Paths that make itself reads (targets, prerequisites, wildcards) or that recipes pass
+# unquoted: make splits them at spaces and reads : ; # = % ( ) * ? [ ] \\ | as its own syntax,
+# the shell reads ' " ` $ & < > ! { } and more. Only these characters pass.
+_MAKE_SAFE_EXTRAS = "._-+@~/,"
+# Paths that recipes pass only inside single quotes (the Makefile's quoting): all but a quote.
+_QUOTED_UNSAFE = "'\n\r"
+
+
+def _check_paths(v: Variables) -> None:
+    """Every path variable, checked for characters make and the shell cannot carry, before
+    anything else reads it: one line names the variable and the character."""
+    strict = [("DATA_DIR", v.data_dir), ("DATA_DIR", os.path.basename(os.path.abspath(v.data_dir)))]
+    strict += [("RUNS", run) for run in v.runs.split()] + [("LABELS", v.labels)]
+    strict += [] if v.weights in config.WEIGHT_MODES else [("WEIGHTS", v.weights)]
+    for name, value in strict:
+        _refuse_unsafe(name, value, lambda c: not (c.isalnum() or c in _MAKE_SAFE_EXTRAS))
+    # Backbone names are passed unquoted too; a source's prefix (hub:, savedmodel:) has a colon.
+    backbone_names = [("BACKBONES", name) for name in v.backbones.split()]
+    for name, value in [*backbone_names, ("BACKBONE", v.backbone)]:
+        _refuse_unsafe(name, value, lambda c: not (c.isalnum() or c in _MAKE_SAFE_EXTRAS + ":"))
+    for name, value in (
+        ("EXCLUDE", v.exclude),
+        ("SUBMISSION", v.submission),
+        ("WEIGHTS_DIR", v.weights_dir),
+    ):
+        _refuse_unsafe(name, value, lambda c: c in _QUOTED_UNSAFE)
+
+
+def _refuse_unsafe(name: str, value: str, unsafe) -> None:
+    bad = next((c for c in value if unsafe(c)), None)
+    if bad is None:
+        return
+    allowed = " ".join(_MAKE_SAFE_EXTRAS)
+    raise ValueError(
+        f"{name}={value}: the character {_shown(bad)} cannot be carried by make and the shell "
+        f"in a path. Use letters, digits and {allowed} only: rename the folder or file, or "
+        "link it from such a path."
+    )
+
+
+def _shown(character: str) -> str:
+    """A character named so that no quoting can hide it: `' (U+0027)`, `space (U+0020)`."""
+    code = f"U+{ord(character):04X}"
+    if character == " ":
+        return f"space ({code})"
+    return f"{character} ({code})" if character.isprintable() else code
 
 
 def check_clip(clip: str) -> float | None:
@@ -285,8 +332,10 @@ def as_make(v: Variables) -> str:
     try:
         lines = plan(v)
     except (ValueError, OSError) as error:
-        # One line, quoted safely: the Makefile echoes it inside double quotes.
+        # One line, quoted safely: the Makefile echoes it inside double quotes, and evaluates
+        # it as make syntax (# would start a comment there, ;; a new line).
         message = " ".join(str(error).split()).translate({ord("`"): "'", ord('"'): "'"})
+        message = message.replace("#", "\\#").replace(LINE_BREAK, "; ;")
         lines = [f"PLAN_ERROR := {message}"]
     return LINE_BREAK.join(line.replace("$", "$$") for line in lines)
 

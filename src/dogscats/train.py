@@ -156,8 +156,9 @@ def train(
         "exclude": exclude_list.settings(exclude),
         "normalise": normalise,
     }
+    # The EXCLUDE list is in the settings by content (its digest), not by its file's mtime.
     inputs = [Path(p) for p in feature_files] + [config.method_version_file("train")]
-    if runs.up_to_date(out, settings, inputs + ([Path(exclude)] if exclude else []), log):
+    if runs.up_to_date(out, settings, inputs, log):
         return out
     began = time.monotonic()
     estimator = make_head(head, seed, normalise)
@@ -175,6 +176,7 @@ def train(
     metrics = {
         **result.summary(data.y),
         "excluded": [] if excluded is None else data.train_ids[excluded].astype(str).tolist(),
+        "exclude_file": str(exclude) if exclude else None,  # where the list was read this time
         "kept_log_loss": scores(data.y[kept], result.oof[kept])["log_loss"],
         "head": head,
         "tta": tta,
