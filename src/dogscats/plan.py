@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from dogscats import backbones, config, store
+from dogscats import backbones, config, runs, store
 
 LINE_BREAK = ";;"  # make's $(shell) turns newlines into spaces; the Makefile splits on this
 _LAYER_NAME = re.compile(r"[A-Za-z0-9_.\-]*")  # a Keras layer name; empty = the output
@@ -258,7 +258,8 @@ def plan(v: Variables) -> list[str]:
     models = config.models_dir(v.data_dir)
     # NORM is logreg's; fine-tuning starts from a head that is one Dense layer: "standard".
     head_norm = v.norm if v.head == "logreg" else "standard"
-    ft_head_run = _relative(models / config.head_run_name([v.backbone], v.ft_head, **settings))
+    ft_head_run_name = config.head_run_name([v.backbone], v.ft_head, **settings)
+    ft_head_run = _relative(models / ft_head_run_name)
     hp = {key: value for key, value in v.hyperparameters.items() if value}
     ft_run = config.finetune_run_name(v.backbone, int(v.blocks), v.augment, hp, **settings)
     if v.head == "finetune":
@@ -289,6 +290,11 @@ def plan(v: Variables) -> list[str]:
         f"HEAD_NORM := {head_norm}",
         *_blend_lines(v, models),
     ]
+    # A finished run that lacks a file it wrote (a fold model deleted) is not up to date:
+    # make calls its stage, whose runs.up_to_date says so and redoes it.
+    for folder in sorted({models / run, models / ft_run, models / ft_head_run_name}):
+        if runs.missing_files(folder):
+            lines.append(f"{_relative(runs.metrics_path(folder))}: FORCE")
     rules = {feature_file(name, v.layer): (name, v.layer) for name in names}
     rules.setdefault(feature_file(v.backbone), (v.backbone, ""))  # fine-tuning's head reads it
     for path, (name, layer) in rules.items():
