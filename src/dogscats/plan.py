@@ -118,7 +118,8 @@ _QUOTED_UNSAFE = "'\n\r"
 def _check_paths(v: Variables) -> None:
     """Every path variable, checked for characters make and the shell cannot carry, before
     anything else reads it: one line names the variable and the character."""
-    strict = [("DATA_DIR", v.data_dir), ("DATA_DIR", os.path.basename(os.path.abspath(v.data_dir)))]
+    folder_name = os.path.basename(os.path.abspath(v.data_dir))  # in every output's path
+    strict = [("DATA_DIR", v.data_dir), ("DATA_DIR", folder_name)]
     strict += [("RUNS", run) for run in v.runs.split()] + [("LABELS", v.labels)]
     strict += [] if v.weights in config.WEIGHT_MODES else [("WEIGHTS", v.weights)]
     for name, value in strict:
