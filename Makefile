@@ -165,7 +165,11 @@ $(SUBMISSION_FILE): $(RUN_DIR)/metrics.json $(wildcard $(DATA_DIR)/sample_submis
 		--out $@ --clip $(CLIP)
 
 # Runs that are not finished are named to the CLI, which says so (make would only say "no rule").
-$(BLEND_DIR)/metrics.json: $(wildcard $(addsuffix /metrics.json,$(BLEND_RUN_DIRS))) $(BLEND_VERSION) | $(SETUP)
+# The CLI runs every time (FORCE): it refuses a run that no longer stands (an input changed
+# since, up to the images, whose stamp make refreshes first) and rewrites nothing otherwise.
+$(BLEND_DIR)/metrics.json: $(wildcard $(addsuffix /metrics.json,$(BLEND_RUN_DIRS))) $(BLEND_VERSION) \
+		$(SOURCES_STAMP) FORCE | $(SETUP)
+	@$(if $(BLEND_LEFT_OUT),echo "Left out of the blend (WEIGHTS=random, dry runs; name them in RUNS= to blend them): $(BLEND_LEFT_OUT)")
 	$(CLI) blend --runs $(BLEND_RUN_DIRS) --out $(@D)
 
 $(BLEND_SUBMISSION): $(BLEND_DIR)/metrics.json $(wildcard $(DATA_DIR)/sample_submission.csv) | $(SETUP)

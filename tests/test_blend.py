@@ -45,10 +45,11 @@ def test_weights_come_from_out_of_fold_predictions_only(three_runs, tmp_path):
     first = json.loads((tmp_path / "b1" / "metrics.json").read_text())
     w = first["weights"]
     assert w["good"] > w["weak"] > 0.05 and w["contrary"] == 0  # no weight below 0
-    # Other test predictions: the same weights, and the test column follows them exactly.
-    frame = pd.read_csv(paths[2] / "test.csv")
-    frame["pred"] = 1 - frame["pred"]
-    frame.to_csv(paths[2] / "test.csv", index=False)
+    # Other test predictions (a run written anew): the same weights, and the test column
+    # follows them exactly.
+    contrary = runs.read_run(paths[2])
+    oof, test_pred = contrary.oof["pred"].to_numpy(), 1 - contrary.test["pred"].to_numpy()
+    paths[2] = write_run(tmp_path / "contrary", oof, test_pred, y, folds)
     blend.blend(paths, tmp_path / "b2", log=lambda *_: None)
     second = json.loads((tmp_path / "b2" / "metrics.json").read_text())
     assert second["weights"] == first["weights"] and second["bias"] == first["bias"]

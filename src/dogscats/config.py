@@ -80,13 +80,27 @@ def arrays_root(data_dir: str | os.PathLike, features_root: Path = FEATURES_DIR)
 
 def arrays_dir(data_dir: str | os.PathLike, size: int, features_root: Path = FEATURES_DIR) -> Path:
     """Folder of the uint8 image arrays at one input size."""
-    return arrays_root(data_dir, features_root) / str(size)
+    return arrays_dir_in(dataset_dir(data_dir, features_root), size)
+
+
+ARRAYS_MANIFEST = "manifest.json"  # marks a complete arrays folder (arrays/stage.py)
+
+
+def arrays_dir_in(dataset: str | os.PathLike, size: int) -> Path:
+    """arrays_dir, from a data set's output folder (dataset_dir) rather than its DATA_DIR:
+    where the arrays of a feature file found in that folder lie."""
+    return Path(dataset) / "arrays" / str(size)
 
 
 def sources_stamp(data_dir: str | os.PathLike, features_root: Path = FEATURES_DIR) -> Path:
     """make's view of the source images: rewritten only when a file's name, size or mtime
     changes (`dogscats.cli sources`), so the arrays' rule sees images replaced in place."""
-    return dataset_dir(data_dir, features_root) / "sources.json"
+    return sources_stamp_in(dataset_dir(data_dir, features_root))
+
+
+def sources_stamp_in(dataset: str | os.PathLike) -> Path:
+    """sources_stamp, from a data set's output folder (dataset_dir)."""
+    return Path(dataset) / "sources.json"
 
 
 def models_dir(data_dir: str | os.PathLike, features_root: Path = FEATURES_DIR) -> Path:
@@ -249,6 +263,12 @@ def list_runs(models: str | os.PathLike, blends: bool = True) -> list[Path]:
 def finished_runs(data_dir: str | os.PathLike, features_root: Path = FEATURES_DIR) -> list[Path]:
     """The finished runs of a data set that a blend may take: every one but the blends."""
     return list_runs(models_dir(data_dir, features_root), blends=False)
+
+
+def random_weights_run(run: str | os.PathLike) -> bool:
+    """A run made with WEIGHTS=random (its name says so: settings_suffix's `__random`): for
+    tests and dry runs, never part of a default blend."""
+    return feature_tag("random").lstrip(".") in Path(run).name.split("__")
 
 
 # The fine-tuning hyperparameters a user may set (make's FT_*, the CLI's flags): keyword, the

@@ -304,13 +304,18 @@ def plan(v: Variables) -> list[str]:
 
 
 def _blend_lines(v: Variables, models: Path) -> list[str]:
-    """`make blend`: the runs (RUNS, names or folders; default every finished run), the blend's
-    run folder and submission."""
+    """`make blend`: the runs (RUNS, names or folders; default every finished run but those
+    made with WEIGHTS=random, which BLEND_LEFT_OUT names), the blend's run folder and
+    submission."""
     given = [Path(r) if "/" in r else models / r for r in v.runs.split()]
-    run_dirs = given or config.finished_runs(v.data_dir)
+    finished = [] if given else config.finished_runs(v.data_dir)
+    # WEIGHTS=random runs are dry runs: only a blend that names them takes them.
+    left_out = [p for p in finished if config.random_weights_run(p)]
+    run_dirs = given or [p for p in finished if p not in left_out]
     name = config.blend_run_name([p.name for p in run_dirs])
     return [
         f"BLEND_RUN_DIRS := {' '.join(_relative(p) for p in run_dirs)}",
+        f"BLEND_LEFT_OUT := {' '.join(p.name for p in left_out)}",
         f"BLEND_DIR := {_relative(models / name)}",
         f"BLEND_SUBMISSION := {_relative(config.submission_path(v.data_dir, name, v.clip))}",
         f"BLEND_VERSION := {_relative(config.method_version_file('blend'))}",

@@ -202,3 +202,75 @@ def up_to_date(run_dir: str | os.PathLike, settings: dict, inputs: list[Path], l
     if Path(run_dir).exists():
         log(f"{run_dir} is out of date ({why}): redoing it.")
     return False
+
+
+# ----------------------------------------------------------------------------------------------
+# Whether a finished run still stands, for the stages that take runs they cannot redo (blend)
+
+
+def stale_reason(run_dir: str | os.PathLike) -> str | None:
+    """Why a finished run no longer stands by the rules make follows, or None when it does:
+    made with its stage's method version, whole, newer than each of its inputs, and each input
+    in turn newer than its own (a feature file than its arrays, the arrays than the sources
+    stamp make rewrites when an image changes, a head run than its inputs)."""
+    path = Path(run_dir)
+    settings = stored_settings(path)
+    if settings is None:
+        return "not a finished run"
+    stage, inputs = _recorded_inputs(path, settings)
+    wanted = {**settings, "method_version": config.method_version(stage)} if stage else settings
+    why = _stands(metrics_path(path), settings, wanted, inputs)
+    lacking = missing_files(path) if why is None else []
+    why = f"incomplete: {_lacking_text(lacking)}" if lacking else why
+    for upstream in inputs:
+        why = why or _upstream_reason(upstream)
+    return why
+
+
+def _recorded_inputs(path: Path, settings: dict) -> tuple[str | None, list[Path]]:
+    """The stage that made a run and the inputs it checked (its runs.up_to_date), from the
+    settings it recorded; (None, []) for a run of no known stage."""
+    if "feature_files" in settings:  # a head (train.py)
+        return "train", [Path(p) for p in settings["feature_files"]] + _version("train")
+    if "head_run" in settings:  # fine-tuning (finetune/stage.py)
+        arrays = config.arrays_dir_in(path.parent.parent, settings["input_size"])
+        inputs = [metrics_path(settings["head_run"]), arrays / config.ARRAYS_MANIFEST]
+        weights = str(settings.get("weights", ""))
+        if weights.startswith("file:"):  # file:<path>:<size>:<mtime>
+            inputs.append(Path(weights.removeprefix("file:").rsplit(":", 2)[0]))
+        return "finetune", inputs + _version("finetune")
+    if "runs" in settings:  # a blend (blend.py)
+        return "blend", [metrics_path(p) for p in settings["runs"]] + _version("blend")
+    return None, []
+
+
+def _version(stage: str) -> list[Path]:
+    return [config.method_version_file(stage)]
+
+
+def _stands(output: Path, stored: dict | None, wanted: dict, inputs: list[Path]) -> str | None:
+    """store.up_to_date, with a missing input named (make would stop at it too)."""
+    missing = [str(p) for p in inputs if not Path(p).exists()]
+    if missing:
+        return f"inputs are missing: {', '.join(missing)}"
+    return store.up_to_date(output, stored, wanted, inputs)
+
+
+def _upstream_reason(path: Path) -> str | None:
+    """Why an input of a run no longer stands by make's rule for it, or None."""
+    if path.name == METRICS:  # another run (a fine-tuning run's head, a blend's runs)
+        why = stale_reason(path.parent)
+        return None if why is None else f"{path.parent} is out of date ({why})"
+    if path.suffix == ".h5":  # a feature file: made from the arrays of its input size
+        from dogscats.features import arrays_manifest_of
+
+        manifest = arrays_manifest_of(path)
+        if manifest is None:
+            return f"{path} is unreadable"
+        why = _stands(path, {}, {}, [manifest])
+        return f"{path}: {why}" if why else _upstream_reason(manifest)
+    if path.name == config.ARRAYS_MANIFEST and path.parent.parent.name == "arrays":
+        stamp = config.sources_stamp_in(path.parent.parent.parent)  # rewritten by make
+        why = _stands(path, {}, {}, [stamp]) if stamp.exists() else None
+        return f"{path}: {why} (an image was added, removed or replaced)" if why else None
+    return None

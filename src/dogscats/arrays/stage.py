@@ -53,7 +53,7 @@ from dogscats.store import (
     write_json,
 )
 
-MANIFEST = "manifest.json"
+MANIFEST = config.ARRAYS_MANIFEST
 REPORT = "report.csv"
 CHECKPOINT_SECONDS = 10.0  # how often the done-masks of partial arrays are saved
 
