@@ -215,3 +215,17 @@ def test_folds_are_checked_against_the_smaller_class_of_the_data(tmp_path):
     text = plan.as_make(plan.Variables(data_dir=data_dir, folds="4"))
     assert "FOLDS=4 is more than the 3 images of the smaller class" in text
     assert "(cats 3, dogs 5)" in text and "2 <= FOLDS <= 3" in text
+
+
+def test_the_default_blend_leaves_out_random_weights_runs(models_of_a_fresh_dataset):
+    data_dir, models = models_of_a_fresh_dataset
+    names = ("a__logreg", "a__logreg__random__folds2", "lite0__finetune1__augflip__random")
+    for name in names:
+        (models / name).mkdir(parents=True)
+        (models / name / "metrics.json").write_text("{}")
+    dirs = value("BLEND_RUN_DIRS", data_dir=data_dir).split()
+    assert [d.rsplit("/", 1)[1] for d in dirs] == ["a__logreg"]
+    assert value("BLEND_LEFT_OUT", data_dir=data_dir).split() == sorted(names[1:])
+    named = value("BLEND_RUN_DIRS", data_dir=data_dir, runs=" ".join(names[:2])).split()
+    assert [d.rsplit("/", 1)[1] for d in named] == list(names[:2])  # named: taken
+    assert value("BLEND_LEFT_OUT", data_dir=data_dir, runs=" ".join(names[:2])) == ""

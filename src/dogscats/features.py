@@ -79,7 +79,8 @@ def _plain(value: object) -> object:
 
 def arrays_manifest_of(path: str | os.PathLike) -> Path | None:
     """The manifest of the arrays a feature file was made from (make's prerequisite of its
-    rule): the arrays of its input size in its data set's folder; None when unreadable."""
+    rule): the arrays of its input size in its data set's folder; None when the file records
+    no input size (unreadable, or not written by `extract`)."""
     size = (stored_attrs(Path(path), ["input_size"]) or {}).get("input_size")
     if size is None:
         return None

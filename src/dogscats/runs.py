@@ -265,8 +265,8 @@ def _upstream_reason(path: Path) -> str | None:
         from dogscats.features import arrays_manifest_of
 
         manifest = arrays_manifest_of(path)
-        if manifest is None:
-            return f"{path} is unreadable"
+        if manifest is None:  # not made by `features` (no input size): nothing upstream
+            return None
         why = _stands(path, {}, {}, [manifest])
         return f"{path}: {why}" if why else _upstream_reason(manifest)
     if path.name == config.ARRAYS_MANIFEST and path.parent.parent.name == "arrays":
