@@ -181,9 +181,10 @@ def missing_files(run_dir: str | os.PathLike) -> list[str]:
 
 def _has_size(path: Path, size: int | None) -> bool:
     try:
-        return size is None or path.stat().st_size == size
+        actual = path.stat().st_size
     except OSError:
         return False
+    return size is None or actual == size
 
 
 def _lacking_text(names: list[str]) -> str:
