@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -133,17 +134,19 @@ def _check_paths(v: Variables) -> None:
         ("SUBMISSION", v.submission),
         ("WEIGHTS_DIR", v.weights_dir),
     ):
-        _refuse_unsafe(name, value, lambda c: c in _QUOTED_UNSAFE)
+        _refuse_unsafe(name, value, lambda c: c in _QUOTED_UNSAFE, quoted=True)
 
 
-def _refuse_unsafe(name: str, value: str, unsafe) -> None:
+def _refuse_unsafe(
+    name: str, value: str, unsafe: Callable[[str], bool], quoted: bool = False
+) -> None:
     bad = next((c for c in value if unsafe(c)), None)
     if bad is None:
         return
-    allowed = " ".join(_MAKE_SAFE_EXTRAS)
+    allowed = f"Use letters, digits and {' '.join(_MAKE_SAFE_EXTRAS)} only"
     raise ValueError(
         f"{name}={value}: the character {_shown(bad)} cannot be carried by make and the shell "
-        f"in a path. Use letters, digits and {allowed} only: rename the folder or file, or "
+        f"in a path. {'Leave it out' if quoted else allowed}: rename the folder or file, or "
         "link it from such a path."
     )
 
