@@ -52,14 +52,23 @@ define newline
 
 
 endef
-PLAN_ARGS := --data-dir '$(DATA_DIR)' --backbones '$(BACKBONES)' --head '$(HEAD)' --tta '$(TTA)' \
-	--weights '$(WEIGHTS)' --precision '$(PRECISION)' --devices '$(DEVICES)' --folds '$(FOLDS)' --seed '$(SEED)' \
-	--clip '$(CLIP)' --backbone '$(BACKBONE)' --blocks '$(BLOCKS)' --augment '$(AUGMENT)' \
-	--ft-head '$(FT_HEAD)' --layer '$(LAYER)' --ft-epochs '$(FT_EPOCHS)' --ft-learning-rate '$(FT_LR)' \
-	--ft-batch-size '$(FT_BATCH)' --ft-patience '$(FT_PATIENCE)' --ft-dropout '$(FT_DROPOUT)' \
-	--norm '$(NORM)' --exclude '$(EXCLUDE)' --runs '$(RUNS)' \
-	--batch-size '$(BATCH_SIZE)' --workers '$(WORKERS)' --no-wait '$(NO_WAIT)' --runtime '$(RUNTIME)' \
-	$(if $(filter finetune,$(HEAD) $(MAKECMDGOALS)),--finetune)
+# Each value goes to the plan single-quoted, a quote in it too ('\''), so that the plan sees
+# exactly what was given and refuses what make or the shell could not carry (plan._check_paths).
+quote = '$(subst ','\'',$(1))'
+PLAN_ARGS := --data-dir $(call quote,$(DATA_DIR)) --backbones $(call quote,$(BACKBONES)) \
+	--head $(call quote,$(HEAD)) --tta $(call quote,$(TTA)) --weights $(call quote,$(WEIGHTS)) \
+	--precision $(call quote,$(PRECISION)) \
+	--devices $(call quote,$(DEVICES)) --folds $(call quote,$(FOLDS)) --seed $(call quote,$(SEED)) \
+	--clip $(call quote,$(CLIP)) --backbone $(call quote,$(BACKBONE)) --blocks $(call quote,$(BLOCKS)) \
+	--augment $(call quote,$(AUGMENT)) --ft-head $(call quote,$(FT_HEAD)) --layer $(call quote,$(LAYER)) \
+	--ft-epochs $(call quote,$(FT_EPOCHS)) --ft-learning-rate $(call quote,$(FT_LR)) \
+	--ft-batch-size $(call quote,$(FT_BATCH)) --ft-patience $(call quote,$(FT_PATIENCE)) \
+	--ft-dropout $(call quote,$(FT_DROPOUT)) --norm $(call quote,$(NORM)) \
+	--exclude $(call quote,$(EXCLUDE)) --runs $(call quote,$(RUNS)) \
+	--batch-size $(call quote,$(BATCH_SIZE)) --workers $(call quote,$(WORKERS)) \
+	--no-wait $(call quote,$(NO_WAIT)) --runtime $(call quote,$(RUNTIME)) \
+	--weights-dir $(call quote,$(WEIGHTS_DIR)) --submission $(call quote,$(SUBMISSION)) \
+	--labels $(call quote,$(LABELS)) $(if $(filter finetune,$(HEAD) $(MAKECMDGOALS)),--finetune)
 # The venv's Python once it exists: a named KerasHub preset (BACKBONES=hub:...) is sized by
 # KerasHub, installed there; every other plan needs only the standard library.
 PLAN_PYTHON := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
@@ -93,7 +102,7 @@ backbones: | $(SETUP) ## list the backbone registry
 layers: | $(SETUP) ## the layers of BACKBONE that LAYER= can pool (block ends, output shapes)
 	@$(CLI) layers '$(BACKBONE)'
 
-data: | $(SETUP) ## check DATA_DIR; unzip or download the competition (Kaggle CLI) if missing
+data: | $(SETUP) check-plan ## check DATA_DIR; unzip or download the competition (Kaggle CLI) if missing
 	$(CLI) data --data-dir '$(DATA_DIR)'
 
 preprocess: $(addsuffix /manifest.json,$(ARRAY_DIRS)) | check-plan ## images -> uint8 arrays, one per input size
@@ -146,7 +155,8 @@ train_head = $(CLI) train --features $(1) --out $(2) --head $(3) --tta $(TTA) --
 	--normalise $(4) $(if $(5),--exclude '$(5)') $(LOCK_FLAGS)
 
 ifneq ($(HEAD),finetune)
-$(RUN_DIR)/metrics.json: $(FEATURE_FILES) $(TRAIN_VERSION) $(EXCLUDE_FILE) | $(SETUP)
+# EXCLUDE's content is in the run's name (its digest), so the list is no prerequisite.
+$(RUN_DIR)/metrics.json: $(FEATURE_FILES) $(TRAIN_VERSION) | $(SETUP)
 	$(call train_head,$(FEATURE_FILES),$(@D),$(HEAD),$(HEAD_NORM),$(EXCLUDE_FILE))
 endif
 
@@ -168,7 +178,11 @@ $(SUBMISSION_FILE): $(RUN_DIR)/metrics.json $(wildcard $(DATA_DIR)/sample_submis
 		--out $@ --clip $(CLIP) $(LOCK_FLAGS)
 
 # Runs that are not finished are named to the CLI, which says so (make would only say "no rule").
-$(BLEND_DIR)/metrics.json: $(wildcard $(addsuffix /metrics.json,$(BLEND_RUN_DIRS))) $(BLEND_VERSION) | $(SETUP)
+# The CLI runs every time (FORCE): it refuses a run that no longer stands (an input changed
+# since, up to the images, whose stamp make refreshes first) and rewrites nothing otherwise.
+$(BLEND_DIR)/metrics.json: $(wildcard $(addsuffix /metrics.json,$(BLEND_RUN_DIRS))) $(BLEND_VERSION) \
+		$(SOURCES_STAMP) FORCE | $(SETUP)
+	@$(if $(BLEND_LEFT_OUT),echo "Left out of the blend (WEIGHTS=random, dry runs; name them in RUNS= to blend them): $(BLEND_LEFT_OUT)")
 	$(CLI) blend --runs $(BLEND_RUN_DIRS) --out $(@D) $(LOCK_FLAGS)
 
 $(BLEND_SUBMISSION): $(BLEND_DIR)/metrics.json $(wildcard $(DATA_DIR)/sample_submission.csv) | $(SETUP)
@@ -177,7 +191,7 @@ $(BLEND_SUBMISSION): $(BLEND_DIR)/metrics.json $(wildcard $(DATA_DIR)/sample_sub
 		--out $@ --clip $(CLIP) $(LOCK_FLAGS)
 endif
 
-score: | $(SETUP) ## log loss and accuracy of SUBMISSION against LABELS (id,label)
+score: | $(SETUP) check-plan ## log loss and accuracy of SUBMISSION against LABELS (id,label)
 	@$(CLI) score --submission '$(SUBMISSION)' --labels '$(LABELS)'
 
 # The report scores test predictions only with a labels file: LABELS given on the command line

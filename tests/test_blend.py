@@ -45,10 +45,11 @@ def test_weights_come_from_out_of_fold_predictions_only(three_runs, tmp_path):
     first = json.loads((tmp_path / "b1" / "metrics.json").read_text())
     w = first["weights"]
     assert w["good"] > w["weak"] > 0.05 and w["contrary"] == 0  # no weight below 0
-    # Other test predictions: the same weights, and the test column follows them exactly.
-    frame = pd.read_csv(paths[2] / "test.csv")
-    frame["pred"] = 1 - frame["pred"]
-    frame.to_csv(paths[2] / "test.csv", index=False)
+    # Other test predictions (a run written anew): the same weights, and the test column
+    # follows them exactly.
+    contrary = runs.read_run(paths[2])
+    oof, test_pred = contrary.oof["pred"].to_numpy(), 1 - contrary.test["pred"].to_numpy()
+    paths[2] = write_run(tmp_path / "contrary", oof, test_pred, y, folds)
     blend.blend(paths, tmp_path / "b2", log=lambda *_: None)
     second = json.loads((tmp_path / "b2" / "metrics.json").read_text())
     assert second["weights"] == first["weights"] and second["bias"] == first["bias"]
@@ -85,3 +86,43 @@ def test_blend_refuses_runs_of_other_images(three_runs, tmp_path):
         blend.blend([paths[0], other], tmp_path / "b", log=lambda *_: None)
     with pytest.raises(ValueError, match="Nothing to blend"):
         blend.blend([], tmp_path / "b", log=lambda *_: None)
+
+
+def test_one_run_is_no_blend(three_runs, tmp_path):
+    paths, *_ = three_runs
+    with pytest.raises(ValueError, match=r"^One run is not a blend: RUNS gives only good\. "):
+        blend.blend(paths[:1], tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_run_older_than_its_features_is_refused_by_name(tmp_path):
+    """Case 3 of #23 in Python: a feature file rewritten after a run (another terminal's
+    extraction) makes the run stale; the blend names it and writes nothing."""
+    import os
+
+    from conftest import separable, write_features
+
+    X, y = separable(40, 4)
+    ids = [f"{'dog' if label else 'cat'}.{i}" for i, label in enumerate(y)]
+    feature_file = tmp_path / "f.h5"
+    write_features(feature_file, ids, y, X, ["1", "2"], X[:2])
+    made = [
+        train.train([feature_file], tmp_path / name, n_folds=2, normalise=norm, log=len)
+        for name, norm in (("a__logreg", "standard"), ("b__logreg__ssr_l2", "ssr_l2"))
+    ]
+    assert all(runs.stale_reason(path) is None for path in made)
+    blend.blend(made, tmp_path / "blend", log=len)
+    later = runs.metrics_path(made[1]).stat().st_mtime + 5
+    os.utime(feature_file, (later, later))
+    why = runs.stale_reason(made[0])
+    assert why == f"inputs are newer: {feature_file}"
+    with pytest.raises(ValueError) as refused:
+        blend.blend(made, tmp_path / "blend2", log=len)
+    assert str(refused.value).startswith(f"{made[0]} is out of date (inputs are newer: ")
+    assert "\n" not in str(refused.value) and not (tmp_path / "blend2").exists()
+    # The blend made before is out of date too, through its runs.
+    assert runs.stale_reason(tmp_path / "blend").startswith(f"{made[0]} is out of date")
+    # A run lacking a fold model does not stand either.
+    os.utime(feature_file, (later - 10, later - 10))
+    (made[1] / "fold_0.joblib").unlink()
+    assert runs.stale_reason(made[1]) == "incomplete: fold_0.joblib missing or not as written"

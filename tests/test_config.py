@@ -28,17 +28,19 @@ def test_a_flip_file_serves_a_plain_request(tmp_path):
         flip.parent.rmdir()
 
 
-def test_run_names_carry_every_setting_off_its_default():
+def test_run_names_carry_every_setting_off_its_default(tmp_path):
     assert config.head_run_name(["a", "b"], "logreg") == "a+b__logreg"
     assert (
         config.head_run_name(["a"], "keras", weights="random", precision="bfloat16", tta="flip")
         == "a__keras__random__bf16__flip"
     )
     assert config.head_run_name(["a"], "logreg", folds=10, seed=1) == "a__logreg__folds10__seed1"
-    named = config.head_run_name(
-        ["a"], "logreg", tta="flip", normalise="ssr_l2", exclude="x/b.txt"
-    )
-    assert named == "a__logreg__flip__ssr_l2__excl-b"
+    listed = tmp_path / "x" / "b.txt"
+    listed.parent.mkdir()
+    listed.write_text("cat.1.jpg\n")
+    named = config.head_run_name(["a"], "logreg", tta="flip", normalise="ssr_l2", exclude=listed)
+    digest = config.file_digest(listed)[:8]
+    assert named == f"a__logreg__flip__ssr_l2__excl-b-{digest}"
     name = config.finetune_run_name(
         "lite0", 1, "flip", {"learning_rate": "1e-4", "epochs": "3"}, tta="flip"
     )

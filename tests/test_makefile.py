@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO, write_kaggle_dataset
 
 import dogscats
-from dogscats import arrays, config
+from dogscats import arrays, blend, config, runs
 
 
 def make(*args: str) -> subprocess.CompletedProcess:
@@ -203,3 +203,121 @@ def test_what_extraction_would_refuse_is_refused_before_preprocessing(tmp_path, 
         assert "dogscats.cli check" not in alone.stdout
     finally:
         shutil.rmtree(config.dataset_dir(data_dir), ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue #23: two terminals, one data folder. Each case makes its situation itself.
+
+
+def make_fails(*args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        ["make", "-C", str(REPO), *args], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    """The error lines a refusal printed (progress bars and make's own line aside)."""
+    return [line for line in result.stderr.splitlines() if line.startswith("error")]
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    data_dir = write_kaggle_dataset(tmp_path / "comp", n_train=6, n_test=4, seed=3)
+    yield data_dir
+    shutil.rmtree(config.dataset_dir(data_dir), ignore_errors=True)
+    shutil.rmtree(config.submissions_dir(data_dir), ignore_errors=True)
+
+
+def test_two_exclude_lists_of_one_file_name_never_share_a_run(dataset, tmp_path):
+    """Case 2: lists/tiny.txt (cat.2), then elsewhere/tiny.txt (dog.3), then lists/tiny.txt
+    again: the third finds the first run, which excludes cat.2, and its submission."""
+    here, there = tmp_path / "lists" / "tiny.txt", tmp_path / "elsewhere" / "tiny.txt"
+    for path, name in ((here, "cat.2.jpg"), (there, "dog.3.jpg")):
+        path.parent.mkdir()
+        path.write_text(f"{name}\n")
+    settings = [f"DATA_DIR={dataset}", "BACKBONES=resnet50", "WEIGHTS=random", "FOLDS=2"]
+    make("submission", *settings, f"EXCLUDE={here}")
+    first = REPO / make_var("SUBMISSION", *settings, f"EXCLUDE={here}")
+    written = first.read_bytes()
+    make("submission", *settings, f"EXCLUDE={there}")
+    assert make_var("RUN_DIR", *settings, f"EXCLUDE={there}") != make_var(
+        "RUN_DIR", *settings, f"EXCLUDE={here}"
+    )
+    third = make("submission", *settings, f"EXCLUDE={here}")
+    assert "up to date: nothing to redo" in third.stdout
+    run = REPO / make_var("RUN_DIR", *settings, f"EXCLUDE={here}")
+    assert runs.read_run(run).metrics["excluded"] == ["cat.2"]
+    assert first.read_bytes() == written
+
+
+def test_a_fold_model_deleted_from_a_finished_run_is_redone(dataset):
+    """Case 6: make notices the run lacks a file it wrote and redoes it; the submission is
+    the one the uninterrupted run wrote."""
+    settings = [f"DATA_DIR={dataset}", "BACKBONES=resnet50", "WEIGHTS=random", "FOLDS=2"]
+    make("submission", *settings)
+    run = REPO / make_var("RUN_DIR", *settings)
+    csv = REPO / make_var("SUBMISSION", *settings)
+    written = csv.read_bytes()
+    (run / "fold_1.joblib").unlink()
+    redo = make("submission", *settings).stdout
+    assert "is out of date (incomplete: fold_1.joblib missing or not as written)" in redo
+    assert (run / "fold_1.joblib").is_file() and runs.missing_files(run) == []
+    assert csv.read_bytes() == written
+    assert "dogscats.cli" not in make("submission", *settings).stdout
+
+
+@pytest.mark.parametrize("character", ["'", "#", "(", ":"])
+def test_a_data_dir_make_cannot_carry_is_refused_with_one_line(tmp_path, character):
+    """Case 5: exit 2, one line naming DATA_DIR and the character, nothing built."""
+    data_dir = write_kaggle_dataset(tmp_path / f"it{character}s" / "comp", n_train=2, n_test=2)
+    result = make_fails("submission", f"DATA_DIR={data_dir}", "BACKBONES=resnet50")
+    (line,) = error_lines(result)
+    assert line.startswith(f"error: DATA_DIR={data_dir}: the character {character} (U+")
+    assert "dogscats.cli" not in result.stdout and "up to date" not in result.stdout
+    assert not config.dataset_dir(data_dir).exists()
+    if character == "'":  # a quote in a path passed only quoted: the one it cannot carry
+        quoted = make_fails("score", "SUBMISSION=/tmp/it's.csv")
+        assert error_lines(quoted)[0].startswith(
+            "error: SUBMISSION=/tmp/it's.csv: the character '"
+        )
+
+
+def test_make_blend_takes_only_runs_that_stand(dataset, tmp_path):
+    """Case 3: a run made before a test image was replaced is refused by name; the default
+    RUNS leaves out WEIGHTS=random runs and says so; one run is no blend."""
+    base = [f"DATA_DIR={dataset}", "BACKBONES=resnet50", "WEIGHTS=random", "FOLDS=2"]
+    both = [[*base, "NORM=standard"], [*base, "NORM=ssr_l2"]]
+    for settings in both:
+        make("submission", *settings)
+    names = [make_var("RUN_DIR", *settings).rsplit("/", 1)[1] for settings in both]
+    runs_given = "RUNS=" + " ".join(names)
+    make("blend", *base, runs_given)
+
+    default = make_fails("blend", *base)
+    assert "Left out of the blend (WEIGHTS=random" in default.stdout
+    assert error_lines(default) == [
+        "error: Nothing to blend: no finished run of this data set. Run `make train` first, "
+        'or name runs: make blend RUNS="<run> <run>".'
+    ]
+    (one,) = error_lines(make_fails("blend", *base, f"RUNS={names[0]}"))
+    assert one.startswith(f"error: One run is not a blend: RUNS gives only {names[0]}.")
+
+    image = dataset / "test" / "1.jpg"
+    image.write_bytes((dataset / "test" / "2.jpg").read_bytes())  # replaced under its name
+    # HEAD=keras: neither run is the one of these variables, whose rule make would follow
+    # first (it redoes what it can); both were made before the image was replaced.
+    (stale,) = error_lines(make_fails("blend", *base, "HEAD=keras", runs_given))
+    assert stale.startswith(f"error: features/{config.dataset_key(dataset)}/models/{names[0]}")
+    assert "is out of date" in stale and "an image was added, removed or replaced" in stale
+
+    for settings in both:  # redone: the blend takes them again, and follows them
+        make("submission", *settings)
+    make("blend", *base, runs_given)
+    blend_dir = REPO / make_var("BLEND_DIR", *base, runs_given)
+    redone = [REPO / make_var("RUN_DIR", *settings) for settings in both]
+    fresh = blend.blend(redone, tmp_path / "fresh", log=len)  # as one sequential pass would
+    for name in ("oof.csv", "test.csv"):
+        assert (blend_dir / name).read_bytes() == (fresh / name).read_bytes()
+    assert runs.stale_reason(blend_dir) is None

@@ -88,13 +88,84 @@ def test_the_plan_needs_only_the_standard_library():
     assert "RUN_DIR := features/data-" in plan_without_heavy_imports([], heavy)
 
 
-def test_exclude_names_the_run_and_is_its_prerequisite(tmp_path):
+def test_exclude_names_the_run_by_its_content(tmp_path):
     listed = tmp_path / "mislabelled v2.txt"
     listed.write_text("cat.1.jpg\n")
     run = value("RUN_DIR", backbones="resnet50", exclude=str(listed))
-    assert run.endswith("/resnet50__logreg__ssr_l2__excl-mislabelled-v2")
+    digest = config.file_digest(listed)[:8]
+    assert run.endswith(f"/resnet50__logreg__ssr_l2__excl-mislabelled-v2-{digest}")
     assert value("EXCLUDE_FILE", exclude=str(listed)) == str(listed)
     assert value("RUN_DIR", backbones="resnet50").endswith("/resnet50__logreg__ssr_l2")
+    # Case 2 of #23: another list of the same file name is another run; the same content
+    # elsewhere is the same run.
+    (tmp_path / "elsewhere").mkdir()
+    other, copy = tmp_path / "elsewhere" / listed.name, tmp_path / "copy.txt"
+    other.write_text("dog.3.jpg\n")
+    copy.write_text("cat.1.jpg\n")
+    assert value("RUN_DIR", backbones="resnet50", exclude=str(other)) != run
+    assert value("RUN_DIR", backbones="resnet50", exclude=str(copy)).endswith(f"-{digest}")
+
+
+@pytest.mark.parametrize(
+    ("variables", "message"),
+    [
+        ({"data_dir": "/tmp/it's/comp"}, "DATA_DIR=/tmp/it's/comp: the character ' (U+0027)"),
+        ({"data_dir": "/tmp/a:b"}, "DATA_DIR=/tmp/a:b: the character : (U+003A)"),
+        ({"data_dir": "/tmp/a#b"}, "DATA_DIR=/tmp/a\\#b: the character \\# (U+0023)"),
+        ({"data_dir": "/tmp/a(b)"}, "DATA_DIR=/tmp/a(b): the character ( (U+0028)"),
+        ({"data_dir": "/tmp/a b"}, "DATA_DIR=/tmp/a b: the character space (U+0020)"),
+        ({"runs": "a__logreg b=c"}, "RUNS=b=c: the character = (U+003D)"),
+        ({"weights": "/tmp/w;1.h5"}, "WEIGHTS=/tmp/w;1.h5: the character ; (U+003B)"),
+        ({"labels": "/tmp/l%.csv"}, "LABELS=/tmp/l%.csv: the character % (U+0025)"),
+        ({"backbones": "savedmodel:/x&y:224"}, "BACKBONES=savedmodel:/x&y:224: the character &"),
+        ({"backbone": "savedmodel:/x$y:224"}, "BACKBONE=savedmodel:/x$$y:224: the character $$"),
+        ({"exclude": "/tmp/it's.txt"}, "EXCLUDE=/tmp/it's.txt: the character ' (U+0027)"),
+        ({"submission": "/tmp/it's.csv"}, "SUBMISSION=/tmp/it's.csv: the character '"),
+        ({"weights_dir": "/tmp/it's"}, "WEIGHTS_DIR=/tmp/it's: the character ' (U+0027)"),
+    ],
+)
+def test_a_path_make_or_the_shell_cannot_carry_is_one_plan_error(variables, message):
+    """Case 5 of #23: checked before anything reads the path (no such file comes second)."""
+    text = plan.as_make(plan.Variables(**variables))
+    assert text.startswith("PLAN_ERROR := ") and message in text
+    assert "cannot be carried by make and the shell in a path" in text
+    assert plan.LINE_BREAK not in text  # one line
+
+
+def test_paths_make_carries_pass(tmp_path):
+    listed = tmp_path / "list v2.txt"  # EXCLUDE is only ever passed quoted: a space is fine
+    listed.write_text("cat.1.jpg\n")
+    for variables in (
+        {"data_dir": str(tmp_path / "kaggle.v2" / "dogs-vs-cats_2+x@y")},
+        {"exclude": str(listed), "runs": "a__logreg ../b/c__keras"},
+        {"backbones": "resnet50", "weights_dir": str(tmp_path / "w x")},
+    ):
+        assert not plan.as_make(plan.Variables(**variables)).startswith("PLAN_ERROR")
+    plan._check_paths(plan.Variables(backbones="hub:kaggle://keras/dinov2/2 savedmodel:x/y:224"))
+
+
+def test_a_run_lacking_a_file_it_wrote_is_remade(models_of_a_fresh_dataset):
+    """Case 6 of #23: a fold model deleted from a finished run makes its rule run again."""
+    import numpy as np
+
+    from dogscats import runs
+
+    data_dir, models = models_of_a_fresh_dataset
+    run = models / value("RUN_DIR", data_dir=data_dir, backbones="resnet50").rsplit("/", 1)[1]
+    predictions = runs.Predictions(
+        np.array(["cat.1", "dog.1"]),
+        np.array([0, 1]),
+        np.array([0, 1]),
+        np.array([0.2, 0.7]),
+        np.array([1]),
+        np.array([0.5]),
+    )
+    runs.write_run(run, predictions, {"settings": {}}, models=[{"fold": 0}, {"fold": 1}])
+    force = f"{runs.metrics_path(run).relative_to(config.PROJECT_ROOT)}: FORCE"
+    assert force not in lines(data_dir=data_dir, backbones="resnet50")
+    (run / "fold_1.joblib").unlink()
+    assert force in lines(data_dir=data_dir, backbones="resnet50")
+    assert runs.missing_files(run) == ["fold_1.joblib"]
 
 
 def test_norm_names_logreg_runs_only_and_never_the_head_fine_tuning_starts_from():
@@ -147,3 +218,17 @@ def test_folds_are_checked_against_the_smaller_class_of_the_data(tmp_path):
     text = plan.as_make(plan.Variables(data_dir=data_dir, folds="4"))
     assert "FOLDS=4 is more than the 3 images of the smaller class" in text
     assert "(cats 3, dogs 5)" in text and "2 <= FOLDS <= 3" in text
+
+
+def test_the_default_blend_leaves_out_random_weights_runs(models_of_a_fresh_dataset):
+    data_dir, models = models_of_a_fresh_dataset
+    names = ("a__logreg", "a__logreg__random__folds2", "lite0__finetune1__augflip__random")
+    for name in names:
+        (models / name).mkdir(parents=True)
+        (models / name / "metrics.json").write_text("{}")
+    dirs = value("BLEND_RUN_DIRS", data_dir=data_dir).split()
+    assert [d.rsplit("/", 1)[1] for d in dirs] == ["a__logreg"]
+    assert value("BLEND_LEFT_OUT", data_dir=data_dir).split() == sorted(names[1:])
+    named = value("BLEND_RUN_DIRS", data_dir=data_dir, runs=" ".join(names[:2])).split()
+    assert [d.rsplit("/", 1)[1] for d in named] == list(names[:2])  # named: taken
+    assert value("BLEND_LEFT_OUT", data_dir=data_dir, runs=" ".join(names[:2])) == ""

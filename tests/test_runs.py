@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -71,3 +73,28 @@ def test_a_damaged_prediction_file_is_named_and_the_run_set_aside(tmp_path, dama
         runs.read_run(out)
     assert not runs.metrics_path(out).exists()  # make sees the run missing and redoes it
     assert runs.stored_settings(out) is None
+
+
+def test_a_run_lacking_a_fold_model_is_neither_up_to_date_nor_read(tmp_path):
+    """Case 6 of #23: the stage redoes it, readers (submission, report) refuse it by name."""
+    out = runs.write_run(tmp_path / "run", predictions(), {"settings": {"a": 1}}, models=[1, 2])
+    assert runs.missing_files(out) == []
+    (out / "fold_1.joblib").unlink()
+    log: list[str] = []
+    assert not runs.up_to_date(out, {"a": 1}, [], log.append)
+    assert log == [
+        f"{out} is out of date (incomplete: fold_1.joblib missing or not as written): redoing it."
+    ]
+    with pytest.raises(ValueError, match=r"fold_1.joblib is damaged: .* run make"):
+        runs.read_run(out)
+    assert not runs.metrics_path(out).exists()  # make sees the run missing and redoes it
+
+
+def test_runs_written_before_the_file_list_still_check_their_fold_models(tmp_path):
+    out = runs.write_run(tmp_path / "run", predictions(), {"folds": 2}, models=[1, 2])
+    metrics = json.loads(runs.metrics_path(out).read_text())
+    del metrics[runs.FILES]
+    runs.metrics_path(out).write_text(json.dumps(metrics))
+    assert runs.missing_files(out) == []
+    (out / "fold_0.joblib").unlink()
+    assert runs.missing_files(out) == ["fold_0.joblib"]

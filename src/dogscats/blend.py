@@ -89,6 +89,31 @@ def _aligned(loaded: list[runs.Run]) -> tuple:
     )
 
 
+def check_runs(run_dirs: list[Path]) -> None:
+    """Two runs or more, each finished and still standing by make's rules (runs.stale_reason):
+    a blend cannot redo a run, so a stale one is refused by name, never blended."""
+    if not run_dirs:
+        raise ValueError(
+            "Nothing to blend: no finished run of this data set. Run `make train` first, or "
+            'name runs: make blend RUNS="<run> <run>".'
+        )
+    if len(run_dirs) == 1:
+        raise ValueError(
+            f"One run is not a blend: RUNS gives only {run_dirs[0].name}. Its submission is "
+            "`make submission` with its settings; or name two runs or more: "
+            'make blend RUNS="<run> <run>".'
+        )
+    for path in run_dirs:
+        if not runs.metrics_path(path).is_file():
+            runs.read_run(path)  # its clear error for a folder that is not a finished run
+        why = runs.stale_reason(path)
+        if why is not None:
+            raise ValueError(
+                f"{path} is out of date ({why}): redo it (make with the settings that made it) "
+                "before blending it, or leave it out of RUNS."
+            )
+
+
 def blend(
     run_dirs: list[str | os.PathLike], out: str | os.PathLike, log=print, wait: bool = True
 ) -> Path:
@@ -96,24 +121,19 @@ def blend(
     Another blend into the same models folder is waited for (`wait` False: BusyError)."""
     out = Path(out)
     with store.writer_lock(out.parent, "blend", wait, log):  # up-to-date check inside
-        return _blend(run_dirs, out, log)
+        return _blend([Path(p) for p in run_dirs], out, log)
 
 
-def _blend(run_dirs: list[str | os.PathLike], out: Path, log) -> Path:
-    if not run_dirs:
-        raise ValueError(
-            "Nothing to blend: no finished run of this data set. Run `make train` first, or "
-            'name runs: make blend RUNS="<run> <run>".'
-        )
-    run_dirs = [Path(p) for p in run_dirs]
+def _blend(run_dirs: list[Path], out: Path, log) -> Path:
+    check_runs(run_dirs)
     settings = {
         "method_version": config.method_version("blend"),
         "runs": [str(p) for p in run_dirs],
     }
     inputs = [runs.metrics_path(p) for p in run_dirs] + [config.method_version_file("blend")]
-    loaded = [runs.read_run(p) for p in run_dirs]  # a clear error for an unfinished run
     if runs.up_to_date(out, settings, inputs, log):
         return out
+    loaded = [runs.read_run(p) for p in run_dirs]
     train_ids, y, folds, oof, test_ids, test = _aligned(loaded)
     Z, Z_test = to_logits(oof), to_logits(test)
     nested = nested_predictions(Z, y, folds)

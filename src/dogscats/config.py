@@ -11,6 +11,8 @@ import os
 import re
 from pathlib import Path
 
+from dogscats import store
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA_DIR = PROJECT_ROOT / "data"
 FEATURES_DIR = PROJECT_ROOT / "features"
@@ -89,13 +91,27 @@ def arrays_root(data_dir: str | os.PathLike, features_root: Path = FEATURES_DIR)
 
 def arrays_dir(data_dir: str | os.PathLike, size: int, features_root: Path = FEATURES_DIR) -> Path:
     """Folder of the uint8 image arrays at one input size."""
-    return arrays_root(data_dir, features_root) / str(size)
+    return arrays_dir_in(dataset_dir(data_dir, features_root), size)
+
+
+ARRAYS_MANIFEST = "manifest.json"  # marks a complete arrays folder (arrays/stage.py)
+
+
+def arrays_dir_in(dataset: str | os.PathLike, size: int) -> Path:
+    """arrays_dir, from a data set's output folder (dataset_dir) rather than its DATA_DIR:
+    where the arrays of a feature file found in that folder lie."""
+    return Path(dataset) / "arrays" / str(size)
 
 
 def sources_stamp(data_dir: str | os.PathLike, features_root: Path = FEATURES_DIR) -> Path:
     """make's view of the source images: rewritten only when a file's name, size or mtime
     changes (`dogscats.cli sources`), so the arrays' rule sees images replaced in place."""
-    return dataset_dir(data_dir, features_root) / "sources.json"
+    return sources_stamp_in(dataset_dir(data_dir, features_root))
+
+
+def sources_stamp_in(dataset: str | os.PathLike) -> Path:
+    """sources_stamp, from a data set's output folder (dataset_dir)."""
+    return Path(dataset) / "sources.json"
 
 
 def models_dir(data_dir: str | os.PathLike, features_root: Path = FEATURES_DIR) -> Path:
@@ -206,7 +222,7 @@ def head_run_name(
 ) -> str:
     """e.g. `efficientnet_lite0+efficientnet_lite1__logreg__flip`, `vgg16@block4_pool__logreg`;
     a normalisation other than "standard" adds its name (`__ssr_l2`), an EXCLUDE list its
-    file's stem (`__excl-mislabelled-train`)."""
+    file's stem and a digest of its content (`__excl-mislabelled-train-1a2b3c4d`)."""
     stems = "+".join(layer_stem(name, layer) for name in backbones)
     norm = "" if normalise == "standard" else f"__{normalise}"
     suffix = f"{settings_suffix(**settings)}{norm}{exclude_suffix(exclude)}"
@@ -214,10 +230,18 @@ def head_run_name(
 
 
 def exclude_suffix(exclude: str | os.PathLike = "") -> str:
+    """The run name's part for an EXCLUDE list: its stem for people, the digest of its content
+    for identity, so that two lists of one file name (or one list edited) never share a run."""
     if not exclude:
         return ""
     stem = "".join(c if c.isalnum() or c in "-_" else "-" for c in Path(exclude).stem)
-    return f"__excl-{stem}"
+    return f"__excl-{stem}-{file_digest(exclude)[:8]}"
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """The digest of a file's content (store.digest of its bytes): what names and settings
+    record of an input file, so that its identity is what it holds, not where it lies."""
+    return store.digest(Path(path).read_bytes())
 
 
 BLEND_PREFIX = "blend__"
@@ -250,6 +274,12 @@ def list_runs(models: str | os.PathLike, blends: bool = True) -> list[Path]:
 def finished_runs(data_dir: str | os.PathLike, features_root: Path = FEATURES_DIR) -> list[Path]:
     """The finished runs of a data set that a blend may take: every one but the blends."""
     return list_runs(models_dir(data_dir, features_root), blends=False)
+
+
+def random_weights_run(run: str | os.PathLike) -> bool:
+    """A run made with WEIGHTS=random (its name says so: settings_suffix's `__random`): for
+    tests and dry runs, never part of a default blend."""
+    return feature_tag("random").lstrip(".") in Path(run).name.split("__")
 
 
 # The fine-tuning hyperparameters a user may set (make's FT_*, the CLI's flags): keyword, the

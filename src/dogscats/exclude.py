@@ -61,8 +61,10 @@ def excluded_rows(train_ids: np.ndarray, path: str | os.PathLike, log=print) -> 
 
 
 def settings(path: str | os.PathLike | None) -> dict | None:
-    """What a run records of its EXCLUDE list: the file and a digest of its content."""
+    """What a run's settings record of its EXCLUDE list: its content (the count and digest
+    of the names), never where it lies, so two copies of one list are the same run and two
+    lists of one file name are not (the run name carries the digest too)."""
     if not path:
         return None
     names = read_list(path)
-    return {"file": str(path), "count": len(names), "sha1": store.digest(Path(path).read_bytes())}
+    return {"count": len(names), "sha1": config.file_digest(path)}

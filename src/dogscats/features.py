@@ -79,6 +79,16 @@ def _plain(value: object) -> object:
     return value.item() if isinstance(value, np.generic) else value
 
 
+def arrays_manifest_of(path: str | os.PathLike) -> Path | None:
+    """The manifest of the arrays a feature file was made from (make's prerequisite of its
+    rule): the arrays of its input size in its data set's folder; None when the file records
+    no input size (unreadable, or not written by `extract`)."""
+    size = (stored_attrs(Path(path), ["input_size"]) or {}).get("input_size")
+    if size is None:
+        return None
+    return config.arrays_dir_in(Path(path).parent, int(size)) / config.ARRAYS_MANIFEST
+
+
 def is_up_to_date(path: Path, wanted: dict[str, object]) -> bool:
     """A complete feature file made with these settings (its attributes say which)."""
     return path.is_file() and not store.changed_settings(stored_attrs(path, wanted), wanted)

@@ -10,10 +10,11 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from dogscats import backbones, config, store
+from dogscats import backbones, config, runs, store
 
 LINE_BREAK = ";;"  # make's $(shell) turns newlines into spaces; the Makefile splits on this
 _LAYER_NAME = re.compile(r"[A-Za-z0-9_.\-]*")  # a Keras layer name; empty = the output
@@ -40,6 +41,9 @@ class Variables:
     norm: str = config.DEFAULT_NORM  # logreg's input normalisation (HEAD=logreg only)
     exclude: str = ""  # a list of train files left out of the head's fits (exclude.py)
     runs: str = ""  # make blend: run names or folders; empty = every finished run
+    weights_dir: str = ""  # offline Keras weights (exported to the stages)
+    submission: str = ""  # make score's file, when given (else the plan's SUBMISSION_FILE)
+    labels: str = ""  # make score's and report's labels, when given
     batch_size: str = "32"
     workers: str = ""  # empty: all cores
     no_wait: str = ""  # 1: a stage refuses, rather than waits, when another run holds its lock
@@ -67,6 +71,7 @@ def _check(v: Variables) -> None:
     """Every make variable, checked before any work: a bad one stops make in its first second
     with the valid values. The one place of these checks (the stages re-check only what they
     are called with directly)."""
+    _check_paths(v)
     for name, value, choices in (
         ("HEAD", v.head, (*config.HEADS, "finetune")),
         ("FT_HEAD", v.ft_head, config.HEADS),
@@ -98,11 +103,6 @@ def _check(v: Variables) -> None:
             f"EXCLUDE={v.exclude}: no such file. Give a list of train file names, one per "
             "line, e.g. EXCLUDE=lists/mislabelled-train.txt"
         )
-    if " " in os.path.abspath(v.data_dir):
-        raise ValueError(
-            f"DATA_DIR={v.data_dir!r}: make cannot handle spaces in paths; link the folder to "
-            "a path without them"
-        )
     _check_folds_fit(v.data_dir, int(v.folds))
     if v.layer and (v.head == "finetune" or v.finetune):
         raise ValueError(
@@ -116,6 +116,57 @@ def _check(v: Variables) -> None:
         )
     if not _LAYER_NAME.fullmatch(v.layer):
         raise ValueError(f"LAYER must be a Keras layer name. Received: {v.layer!r}")
+
+
+# Paths that make itself reads (targets, prerequisites, wildcards) or that recipes pass
+# unquoted: make splits them at spaces and reads : ; # = % ( ) * ? [ ] \\ | as its own syntax,
+# the shell reads ' " ` $ & < > ! { } and more. Only these characters pass.
+_MAKE_SAFE_EXTRAS = "._-+@~/,"
+# Paths that recipes pass only inside single quotes (the Makefile's quoting): all but a quote.
+_QUOTED_UNSAFE = "'\n\r"
+
+
+def _check_paths(v: Variables) -> None:
+    """Every path variable, checked for characters make and the shell cannot carry, before
+    anything else reads it: one line names the variable and the character."""
+    folder_name = os.path.basename(os.path.abspath(v.data_dir))  # in every output's path
+    strict = [("DATA_DIR", v.data_dir), ("DATA_DIR", folder_name)]
+    strict += [("RUNS", run) for run in v.runs.split()] + [("LABELS", v.labels)]
+    strict += [] if v.weights in config.WEIGHT_MODES else [("WEIGHTS", v.weights)]
+    for name, value in strict:
+        _refuse_unsafe(name, value, lambda c: not (c.isalnum() or c in _MAKE_SAFE_EXTRAS))
+    # Backbone names are passed unquoted too; a source's prefix (hub:, savedmodel:) has a colon.
+    backbone_names = [("BACKBONES", name) for name in v.backbones.split()]
+    for name, value in [*backbone_names, ("BACKBONE", v.backbone)]:
+        _refuse_unsafe(name, value, lambda c: not (c.isalnum() or c in _MAKE_SAFE_EXTRAS + ":"))
+    for name, value in (
+        ("EXCLUDE", v.exclude),
+        ("SUBMISSION", v.submission),
+        ("WEIGHTS_DIR", v.weights_dir),
+    ):
+        _refuse_unsafe(name, value, lambda c: c in _QUOTED_UNSAFE, quoted=True)
+
+
+def _refuse_unsafe(
+    name: str, value: str, unsafe: Callable[[str], bool], quoted: bool = False
+) -> None:
+    bad = next((c for c in value if unsafe(c)), None)
+    if bad is None:
+        return
+    allowed = f"Use letters, digits and {' '.join(_MAKE_SAFE_EXTRAS)} only"
+    raise ValueError(
+        f"{name}={value}: the character {_shown(bad)} cannot be carried by make and the shell "
+        f"in a path. {'Leave it out' if quoted else allowed}: rename the folder or file, or "
+        "link it from such a path."
+    )
+
+
+def _shown(character: str) -> str:
+    """A character named so that no quoting can hide it: `' (U+0027)`, `space (U+0020)`."""
+    code = f"U+{ord(character):04X}"
+    if character == " ":
+        return f"space ({code})"
+    return f"{character} ({code})" if character.isprintable() else code
 
 
 def check_clip(clip: str) -> float | None:
@@ -221,7 +272,8 @@ def plan(v: Variables) -> list[str]:
     models = config.models_dir(v.data_dir)
     # NORM is logreg's; fine-tuning starts from a head that is one Dense layer: "standard".
     head_norm = v.norm if v.head == "logreg" else "standard"
-    ft_head_run = _relative(models / config.head_run_name([v.backbone], v.ft_head, **settings))
+    ft_head_run_name = config.head_run_name([v.backbone], v.ft_head, **settings)
+    ft_head_run = _relative(models / ft_head_run_name)
     hp = {key: value for key, value in v.hyperparameters.items() if value}
     ft_run = config.finetune_run_name(v.backbone, int(v.blocks), v.augment, hp, **settings)
     if v.head == "finetune":
@@ -258,6 +310,11 @@ def plan(v: Variables) -> list[str]:
         readers.setdefault(arrays(name), []).append(name)
     for folder, users in sorted(readers.items()):
         lines.append(f"{folder}/manifest.json: ARRAYS_BACKBONES := {' '.join(users)}")
+    # A finished run that lacks a file it wrote (a fold model deleted) is not up to date:
+    # make calls its stage, whose runs.up_to_date says so and redoes it.
+    for folder in sorted({models / run, models / ft_run, models / ft_head_run_name}):
+        if runs.missing_files(folder):
+            lines.append(f"{_relative(runs.metrics_path(folder))}: FORCE")
     rules = {feature_file(name, v.layer): (name, v.layer) for name in names}
     rules.setdefault(feature_file(v.backbone), (v.backbone, ""))  # fine-tuning's head reads it
     for path, (name, layer) in rules.items():
@@ -266,13 +323,18 @@ def plan(v: Variables) -> list[str]:
 
 
 def _blend_lines(v: Variables, models: Path) -> list[str]:
-    """`make blend`: the runs (RUNS, names or folders; default every finished run), the blend's
-    run folder and submission."""
+    """`make blend`: the runs (RUNS, names or folders; default every finished run but those
+    made with WEIGHTS=random, which BLEND_LEFT_OUT names), the blend's run folder and
+    submission."""
     given = [Path(r) if "/" in r else models / r for r in v.runs.split()]
-    run_dirs = given or config.finished_runs(v.data_dir)
+    finished = [] if given else config.finished_runs(v.data_dir)
+    # WEIGHTS=random runs are dry runs: only a blend that names them takes them.
+    left_out = [p for p in finished if config.random_weights_run(p)]
+    run_dirs = given or [p for p in finished if p not in left_out]
     name = config.blend_run_name([p.name for p in run_dirs])
     return [
         f"BLEND_RUN_DIRS := {' '.join(_relative(p) for p in run_dirs)}",
+        f"BLEND_LEFT_OUT := {' '.join(p.name for p in left_out)}",
         f"BLEND_DIR := {_relative(models / name)}",
         f"BLEND_SUBMISSION := {_relative(config.submission_path(v.data_dir, name, v.clip))}",
         f"BLEND_VERSION := {_relative(config.method_version_file('blend'))}",
@@ -301,8 +363,10 @@ def as_make(v: Variables) -> str:
     try:
         lines = plan(v)
     except (ValueError, OSError) as error:
-        # One line, quoted safely: the Makefile echoes it inside double quotes.
+        # One line, quoted safely: the Makefile echoes it inside double quotes, and evaluates
+        # it as make syntax (# would start a comment there, ;; a new line).
         message = " ".join(str(error).split()).translate({ord("`"): "'", ord('"'): "'"})
+        message = message.replace("#", "\\#").replace(LINE_BREAK, "; ;")
         lines = [f"PLAN_ERROR := {message}"]
     return LINE_BREAK.join(line.replace("$", "$$") for line in lines)
 

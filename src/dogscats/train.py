@@ -163,8 +163,9 @@ def _train(feature_files, out, head, tta, n_folds, seed, exclude, normalise, log
         "exclude": exclude_list.settings(exclude),
         "normalise": normalise,
     }
+    # The EXCLUDE list is in the settings by content (its digest), not by its file's mtime.
     inputs = [Path(p) for p in feature_files] + [config.method_version_file("train")]
-    if runs.up_to_date(out, settings, inputs + ([Path(exclude)] if exclude else []), log):
+    if runs.up_to_date(out, settings, inputs, log):
         return out
     began = time.monotonic()
     estimator = make_head(head, seed, normalise)
@@ -182,6 +183,7 @@ def _train(feature_files, out, head, tta, n_folds, seed, exclude, normalise, log
     metrics = {
         **result.summary(data.y),
         "excluded": [] if excluded is None else data.train_ids[excluded].astype(str).tolist(),
+        "exclude_file": str(exclude) if exclude else None,  # where the list was read this time
         "kept_log_loss": scores(data.y[kept], result.oof[kept])["log_loss"],
         "head": head,
         "tta": tta,

@@ -67,7 +67,7 @@ from dogscats.store import (
     writer_lock,
 )
 
-MANIFEST = "manifest.json"
+MANIFEST = config.ARRAYS_MANIFEST
 REPORT = "report.csv"
 CHECKPOINT_SECONDS = 10.0  # how often the done-masks of partial arrays are saved
 
