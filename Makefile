@@ -205,11 +205,16 @@ BENCH_DATA ?= ../shared/data/dogs-vs-cats-sample
 bench: | $(SETUP) ## speed and memory against bare loops: writes bench/REPORT.md
 	$(PY) bench/run.py --data-dir '$(BENCH_DATA)' --out bench/REPORT.md
 
+# pytest-xdist workers (0: one process, the default until two workers are measured faster on a
+# quiet machine; README: The test suite). loadgroup keeps the tests that share a module fixture
+# or a built graph on one worker (tests/conftest.py), so nothing is built twice.
+TEST_WORKERS ?= 0
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 test: | $(SETUP) ## the whole test suite, then its backend tests under JAX on two devices (and PyTorch if installed)
-	$(PY) -m pytest
-	KERAS_BACKEND=jax XLA_FLAGS=--xla_force_host_platform_device_count=2 $(PY) -m pytest -m backend
+	$(PYTEST)
+	KERAS_BACKEND=jax XLA_FLAGS=--xla_force_host_platform_device_count=2 $(PYTEST) -m backend
 	@if $(PY) -c 'import torch' 2>/dev/null; then \
-		echo "KERAS_BACKEND=torch $(PY) -m pytest -m backend"; KERAS_BACKEND=torch $(PY) -m pytest -m backend; \
+		echo "KERAS_BACKEND=torch $(PYTEST) -m backend"; KERAS_BACKEND=torch $(PYTEST) -m backend; \
 	else echo "PyTorch is not installed: the backend tests skipped KERAS_BACKEND=torch (install torch into the venv to run them)"; fi
 
 lint: | $(SETUP) ## ruff

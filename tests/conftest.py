@@ -32,6 +32,17 @@ def pytest_configure(config) -> None:
     )
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Under pytest-xdist (`make test`: --dist loadgroup), a test that uses a module- or
+    session-scoped fixture runs on the worker of its module's other such tests, so that each
+    fixture is built once, not once per worker. Other tests go to whichever worker is free."""
+    for item in items:
+        defs = getattr(item, "_fixtureinfo", None)
+        scopes = {d.scope for ds in (defs.name2fixturedefs.values() if defs else ()) for d in ds}
+        if scopes & {"module", "package", "session"}:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
 def shared_path(*parts: str) -> Path:
     """A path under ../shared, or skip the test with the reason when it is absent."""
     path = SHARED.joinpath(*parts)

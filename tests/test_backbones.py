@@ -102,7 +102,13 @@ def _symbolic(name: str):
         )
 
 
-@pytest.mark.parametrize("name", backbones.list_backbones())
+def _one_worker_per_graph(names: list[str]) -> list:
+    """Each name on one xdist worker (make test's --dist loadgroup), so that the two tests that
+    look at `_symbolic(name)` share its build."""
+    return [pytest.param(n, marks=pytest.mark.xdist_group(f"symbolic:{n}")) for n in names]
+
+
+@pytest.mark.parametrize("name", _one_worker_per_graph(backbones.list_backbones()))
 def test_every_backbone_builds_at_its_min_size_to_its_feature_dim(name):
     spec = backbones.get_backbone(name)
     model = _symbolic(name)
@@ -141,7 +147,10 @@ def _rescales_inside(model) -> bool:
 
 
 @pytest.mark.parametrize(
-    "name", [n for n in backbones.list_backbones() if not backbones.get_backbone(n).offline]
+    "name",
+    _one_worker_per_graph(
+        [n for n in backbones.list_backbones() if not backbones.get_backbone(n).offline]
+    ),
 )
 def test_models_that_rescale_inside_get_no_second_normalisation(name):
     """EfficientNet(V2), ConvNeXt and MobileNetV3 take 0-255 floats and normalise inside:
