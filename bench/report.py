@@ -18,9 +18,8 @@ def targets(results: dict) -> list[tuple[str, str, bool]]:
         rows.append((f"{n} >= 0.85 x bare parallel loop", f"{ratio:.3f}", ratio >= 0.85))
         rows.append((f"{n} >= 1.8 x seeds' single loop", f"{speedup:.2f}x", speedup >= 1.8))
     for name, b in results.get("features", {}).get("backbones", {}).items():
-        measured = (
-            f"{b['ratio']:.3f} (streaming {b['streaming_ratio']:.3f}; CPU {b['cpu_ratio']:.3f})"
-        )
+        streaming = _ratio(b["streaming_ratio"])
+        measured = f"{b['ratio']:.3f} (streaming {streaming}; CPU {b['cpu_ratio']:.3f})"
         rows.append((f"features {name} >= 0.90 x bare forward", measured, b["ratio"] >= 0.90))
         if "row_check" in b:
             check = b["row_check"]
@@ -151,7 +150,7 @@ def _section_features(r: dict) -> list[str]:
         )
         rows.append(
             f"{name} | {b['images']} | {b['pipeline_rate']:.1f} | {b['bare_rate']:.1f} | "
-            f"**{b['ratio']:.3f}** | {b['streaming_ratio']:.3f} | {b['cpu_ratio']:.3f} | "
+            f"**{b['ratio']:.3f}** | {_ratio(b['streaming_ratio'])} | {b['cpu_ratio']:.3f} | "
             f"{b['fixed_s']:.1f} | {runs}"
         )
     header = (
@@ -465,3 +464,8 @@ def render(results: dict, meta: dict) -> str:
         else:
             lines += section(results[stage])
     return "\n".join(lines) + "\n"
+
+
+def _ratio(value: float | None) -> str:
+    """A ratio to three decimals, or n/a where it could not be measured."""
+    return "n/a" if value is None else f"{value:.3f}"
