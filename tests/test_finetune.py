@@ -276,6 +276,46 @@ def test_a_fold_that_beats_the_head_keeps_its_fine_tuned_predictions(finished, t
     assert "kept fine-tuned" in "\n".join(log)
 
 
+class ConfidentlyWrong:
+    """A refitted head turned around and sharpened: on most rows P(dog) is confidently wrong
+    (a logit of about 40, far past what float32 or Keras' 1e-7 clip can tell apart), as
+    real heads are on a few mislabelled or ambiguous images."""
+
+    def __init__(self, model, features: np.ndarray):
+        kernel, bias = model.dense_weights()
+        logits = features @ kernel[:, 0].astype(float) + float(bias[0])
+        scale = -40 / np.median(np.abs(logits))
+        self.kernel, self.bias = kernel * scale, bias * scale
+
+    def dense_weights(self):
+        return self.kernel, self.bias
+
+    def predict_proba(self, X):
+        p = 1 / (1 + np.exp(-(X @ self.kernel[:, 0].astype(float) + float(self.bias[0]))))
+        return np.column_stack([1 - p, p])
+
+
+@pytest.mark.backend  # make test runs these under JAX (and PyTorch) too
+def test_a_model_that_has_not_moved_scores_as_its_head_on_confident_mistakes(tiny, monkeypatch):
+    """Issue #21's fold 4: the early-stopping rows and the held-out fold must be scored as the
+    head is. With learning rate 0 the model is its starting head, so its loss on the
+    early-stopping rows, before and after the epoch, is the head's. Keras' validation loss
+    (float32, clipped at 1e-7) charged each confident mistake at most 16 nats where the
+    head's score charged ~40, so an unchanged model "beat" its head and was kept; and the
+    float32 sigmoid rounded P(dog) to 1.0, which the log loss charged 34.5 nats."""
+    real_refit = head_run.HeadRun.refit
+
+    def confident(self, data, rows, seed):
+        return ConfidentlyWrong(real_refit(self, data, rows, seed), data.train[rows])
+
+    monkeypatch.setattr(head_run.HeadRun, "refit", confident)
+    out = run(tiny, tiny["root"] / "confident", len, epochs=1, learning_rate=0.0)
+    for fold in json.loads((out / "metrics.json").read_text())["fold_scores"]:
+        assert fold["stop_head_log_loss"] > 20  # confident mistakes, past float32's reach
+        assert fold["stop_start_log_loss"] == pytest.approx(fold["stop_head_log_loss"], rel=1e-3)
+        assert fold["stop_log_loss"] == pytest.approx(fold["stop_head_log_loss"], rel=1e-3)
+
+
 def test_full_augmentation_starts_from_the_head_through_the_whole_network(finished, tiny):
     """augment="full": images (plain + mirrored) go through preprocessing and both halves."""
     log = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import keras
@@ -36,6 +37,25 @@ class EpochScalars(keras.callbacks.Callback):
             writer.flush()
 
 
+class StopRowsScore(keras.callbacks.Callback):
+    """Puts the early-stopping rows' scores into each epoch's logs as val_loss and
+    val_accuracy, from `score` (train.scores of float64 predictions: the head's score to
+    beat and the held-out fold's are computed the same way). Keras' own validation loss
+    would not do: it is float32 and clipped at 1e-7, so a confident mistake costs it at most
+    16 nats where the head's score charges its full loss, and a model that had not moved
+    at all would already beat its own head. Comes before every callback that reads val_loss
+    (they all see the same logs)."""
+
+    def __init__(self, score: Callable[[], dict[str, float]]):
+        super().__init__()
+        self.score = score
+
+    def on_epoch_end(self, epoch, logs=None):
+        scores = self.score()
+        if logs is not None:
+            logs.update(val_loss=scores["log_loss"], val_accuracy=scores["accuracy"])
+
+
 def tensorboard(log_dir: Path) -> keras.callbacks.Callback:
     """Event files for TensorBoard. They are written through TensorFlow; without it (JAX or
     PyTorch alone, as on an accelerator machine) there are none, and history.csv holds the
@@ -48,15 +68,22 @@ def tensorboard(log_dir: Path) -> keras.callbacks.Callback:
 
 
 def fold_callbacks(
-    fold_dir: Path, log_dir: Path, head_loss: float, best_so_far: float, patience: int
+    fold_dir: Path,
+    log_dir: Path,
+    stop_score: Callable[[], dict[str, float]],
+    head_loss: float,
+    best_so_far: float,
+    patience: int,
 ) -> list[keras.callbacks.Callback]:
     """Stop when the head is not beaten for `patience` epochs; keep the best weights that beat
     the head (and any best from before an interruption); back up every epoch to resume.
-    val_loss is the loss on the early-stopping rows; head_loss the head's on the same rows.
+    val_loss is the loss on the early-stopping rows (`stop_score`, see StopRowsScore);
+    head_loss the head's on the same rows, computed the same way.
 
     The backup comes last, so an epoch is only marked done once everything else recorded it.
     """
     return [
+        StopRowsScore(stop_score),
         keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=patience, baseline=head_loss, restore_best_weights=True
         ),

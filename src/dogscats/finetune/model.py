@@ -4,6 +4,12 @@ The backbone is cut at a block boundary named in the registry (BackboneSpec.bloc
 top; BLOCKS=n unfreezes the last n). Each fold's model is top -> GAP -> Dense(1, sigmoid),
 with BatchNorm always in inference mode, and averages its prediction over the views it is
 given (one while training; plain and mirrored for validation and test).
+
+Predictions (FineTuneModel.predict) are computed like the head's: the network gives each
+view's GAP features, and the Dense layer and sigmoid run in float64 on the host. The model's
+own float32 sigmoid rounds P(dog) above 1 - 6e-8 to exactly 1.0, which the log loss then
+clips at 1e-15 (34.5 nats for a cat so called), and Keras' loss clips at 1e-7 (at most 16
+nats an image): neither agrees with the head's float64 loss on a confident mistake.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from dataclasses import dataclass
 
 import keras
 import numpy as np
+from scipy.special import expit
 
 from dogscats import heads
 from dogscats.backbones import BackboneSpec, get_backbone, list_backbones
@@ -120,6 +127,24 @@ class ViewAverage(keras.layers.Layer):
         return (input_shape[0], 1)
 
 
+class PerView(keras.layers.Layer):
+    """(batch, views, ...) -> (batch, views, features): inner(view) of every view, in inference
+    mode (the GAP features that FineTuneModel.predict scores on the host)."""
+
+    def __init__(self, inner: keras.Model, **kwargs):
+        super().__init__(**kwargs)
+        self.inner = inner
+
+    def call(self, views):
+        shape = keras.ops.shape(views)
+        flat = keras.ops.reshape(views, (-1, *views.shape[2:]))
+        features = self.inner(flat, training=False)
+        return keras.ops.reshape(features, (shape[0], shape[1], features.shape[-1]))
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[1], *self.inner.output_shape[1:])
+
+
 class Preprocess(keras.layers.Layer):
     """The backbone's own input scaling, inside the model (augment="full")."""
 
@@ -159,9 +184,10 @@ def augmentation() -> keras.Sequential:
 
 @dataclass
 class FineTuneModel:
-    model: keras.Model  # (batch, views, *item) -> (batch, 1)
+    model: keras.Model  # (batch, views, *item) -> (batch, 1): what fit trains
     cut: Cut
     dense_head: keras.Model  # heads.build_dense_head: its Dense layer is named "head"
+    view_features: keras.Model  # (batch, views, *item) -> (batch, views, GAP features)
 
     def set_start(self, top_weights: list, kernel: np.ndarray, bias: np.ndarray) -> None:
         """Backbone top as pretrained, head as fitted: the fold's starting point."""
@@ -170,6 +196,14 @@ class FineTuneModel:
 
     def trained_weights(self) -> tuple[list, list]:
         return self.cut.top.get_weights(), self.dense_head.get_weights()
+
+    def predict(self, dataset) -> np.ndarray:
+        """P(dog) of every item of `dataset`, averaged over its views, in float64 (see the
+        module's docstring): what the head would predict from these features."""
+        features = self.view_features.predict(dataset, verbose=0).astype(np.float64)
+        kernel, bias = self.dense_head.get_layer("head").get_weights()
+        logits = features @ kernel.astype(np.float64)[:, 0] + float(bias[0])
+        return expit(logits).mean(axis=1)
 
 
 def build_model(
@@ -188,9 +222,11 @@ def build_model(
     # the masks on PyTorch (the value itself is overwritten every epoch).
     dense_head = heads.build_dense_head(int(x.shape[-1]), dropout, seed=0)
     per_image = keras.Model(inputs, dense_head(x), name="per_image")
+    features = keras.Model(inputs, x, name="per_image_features")  # the same layers, to GAP
     views = keras.Input((None, *item_shape), name="views")
     model = keras.Model(views, ViewAverage(per_image, name="tta")(views), name="finetune")
-    return FineTuneModel(model, cut, dense_head)
+    view_features = keras.Model(views, PerView(features, name="per_view")(views), name="features")
+    return FineTuneModel(model, cut, dense_head, view_features)
 
 
 def compile_model(model: keras.Model, learning_rate: float, steps: int, epochs: int) -> None:

@@ -141,7 +141,9 @@ class Trainer:
             f"{stop_start_loss:.5f})" + (" (resuming)" if resumed else "")
         )
         if not (work_dir / "fit_done").exists():
-            self._fit(fold, work_dir, fit_rows, stop, stop_head_loss)
+            self._fit(
+                fold, work_dir, fit_rows, lambda: self._scores(stop_rows, stop), stop_head_loss
+            )
         history = callbacks.read_history(work_dir)
         best = callbacks.best_weights_path(work_dir)
         # Saved only for an epoch that beat the head on the early-stopping rows (even across
@@ -179,7 +181,7 @@ class Trainer:
         rows = np.flatnonzero(self.head.folds != fold)
         return early_stopping_split(rows, self.y, self.hp.stop_fraction, self.hp.seed + fold)
 
-    def _fit(self, fold, work_dir, fit_rows, stop, stop_head_loss) -> None:
+    def _fit(self, fold, work_dir, fit_rows, stop_score, stop_head_loss) -> None:
         history = callbacks.read_history(work_dir)
         best_so_far = float(history["val_loss"].min()) if len(history) else math.inf
         train_set = make_dataset(
@@ -187,14 +189,13 @@ class Trainer:
         )
         log_dir = self.work / "logs" / f"fold_{fold}"
         fold_callbacks = callbacks.fold_callbacks(
-            work_dir, log_dir, stop_head_loss, best_so_far, self.hp.patience
+            work_dir, log_dir, stop_score, stop_head_loss, best_so_far, self.hp.patience
         )
         # The model serves every fold: forget the epoch a resumed fold restarted from
         # (BackupAndRestore sets it and nothing resets it), or the next fold would start there.
         self.net.model._initial_epoch = None
-        self.net.model.fit(
+        self.net.model.fit(  # no validation_data: the early-stopping rows are scored by a callback
             train_set,
-            validation_data=stop,
             epochs=self.hp.epochs,
             callbacks=[EpochDraws(train_set), *fold_callbacks],
             shuffle=False,  # the dataset shuffles itself, once per epoch
@@ -203,7 +204,11 @@ class Trainer:
         (work_dir / "fit_done").touch()  # a re-run goes straight to predicting
 
     def _predict(self, dataset) -> np.ndarray:
-        return self.net.model.predict(dataset, verbose=0)[:, 0].astype(float)
+        return self.net.predict(dataset)
+
+    def _scores(self, rows: np.ndarray, dataset) -> dict[str, float]:
+        """The model's scores on these rows, as the head's and the held-out fold's are."""
+        return train.scores(self.y[rows], self._predict(dataset))
 
     def _score(self, rows: np.ndarray, pred: np.ndarray) -> float:
         return train.scores(self.y[rows], pred)["log_loss"]
