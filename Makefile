@@ -208,7 +208,7 @@ bench: | $(SETUP) ## speed and memory against bare loops: writes bench/REPORT.md
 # pytest-xdist workers (0: one process, the default until two workers are measured faster on a
 # quiet machine; README: The test suite). loadgroup keeps the tests that share a module fixture
 # or a built graph on one worker (tests/conftest.py), so nothing is built twice.
-TEST_WORKERS ?= 0
+TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 test: | $(SETUP) ## the whole test suite, then its backend tests under JAX on two devices (and PyTorch if installed)
 	$(PYTEST)

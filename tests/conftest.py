@@ -88,6 +88,22 @@ def kaggle_dataset(tmp_path: Path) -> Path:
     return write_kaggle_dataset(tmp_path / "comp")
 
 
+def extract_random(data_dir, arrays_dir, out, backbone="resnet50", **kwargs):
+    """features.extract of random weights, in small batches, without a progress bar."""
+    from dogscats import features
+
+    return features.extract(
+        data_dir,
+        backbone,
+        weights="random",
+        arrays_dir=arrays_dir,
+        out=out,
+        batch_size=4,
+        progress=False,
+        **kwargs,
+    )
+
+
 def write_features(path, ids, labels, feats, test_ids, test_feats, flip=False) -> None:
     """A feature file of the layout features.extract writes, from given arrays."""
     import h5py

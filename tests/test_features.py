@@ -5,7 +5,7 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pytest
-from conftest import register_tiny_backbone, separable, write_features
+from conftest import extract_random, register_tiny_backbone, separable, write_features
 
 from dogscats import arrays, features
 from dogscats.backbones import build_backbone, get_backbone
@@ -21,22 +21,9 @@ def arrays_224(kaggle_dataset, tmp_path):
     return kaggle_dataset, out
 
 
-def extract(data_dir, arrays_dir, out, backbone="resnet50", **kwargs):
-    return features.extract(
-        data_dir,
-        backbone,
-        weights="random",
-        arrays_dir=arrays_dir,
-        out=out,
-        batch_size=4,
-        progress=False,
-        **kwargs,
-    )
-
-
 def test_features_match_the_model_and_record_their_provenance(arrays_224, tmp_path):
     data_dir, arrays_dir = arrays_224
-    path = extract(data_dir, arrays_dir, tmp_path / "f.h5", tta="flip")
+    path = extract_random(data_dir, arrays_dir, tmp_path / "f.h5", tta="flip")
     images, index = arrays.load_split(arrays_dir, "train")
     train = features.load_features(path, "train")
     assert train["features"].shape == (16, 2048) and train["features"].dtype == np.float32
@@ -66,9 +53,9 @@ def test_flip_features_are_the_features_of_mirrored_images(arrays_224, tmp_path)
 
 def test_an_up_to_date_file_is_not_rebuilt(arrays_224, tmp_path, monkeypatch):
     data_dir, arrays_dir = arrays_224
-    path = extract(data_dir, arrays_dir, tmp_path / "f.h5")
+    path = extract_random(data_dir, arrays_dir, tmp_path / "f.h5")
     monkeypatch.setattr(features, "build_model", lambda *a: pytest.fail("rebuilt"))
-    assert extract(data_dir, arrays_dir, path) == path
+    assert extract_random(data_dir, arrays_dir, path) == path
 
 
 def test_an_interrupted_run_leaves_no_file_and_resumes(arrays_224, tmp_path, monkeypatch):
@@ -85,13 +72,13 @@ def test_an_interrupted_run_leaves_no_file_and_resumes(arrays_224, tmp_path, mon
 
     monkeypatch.setattr(Forward, "__call__", failing_call)
     with pytest.raises(KeyboardInterrupt):
-        extract(data_dir, arrays_dir, out)
+        extract_random(data_dir, arrays_dir, out)
     assert not out.exists()
     with h5py.File(out.with_name("f.h5.partial")) as partial:
         # Three batches of 4 ran; the third was still in flight, so two were written.
         assert partial["train"].attrs["rows_done"] == 8
     monkeypatch.setattr(Forward, "__call__", real_call)
-    extract(data_dir, arrays_dir, out)
+    extract_random(data_dir, arrays_dir, out)
     assert out.exists() and not out.with_name("f.h5.partial").exists()
     with h5py.File(out) as f:
         assert np.abs(f["train/features"][:]).sum(axis=1).min() > 0  # every row filled
@@ -108,7 +95,7 @@ def test_zeroshot_probability_is_dog_mass_over_dog_and_cat_mass():
 def test_unknown_tta_is_refused(arrays_224, tmp_path):
     data_dir, arrays_dir = arrays_224
     with pytest.raises(ValueError, match="TTA must be one of none, flip. Received: 'rot'"):
-        extract(data_dir, arrays_dir, tmp_path / "f.h5", tta="rot")
+        extract_random(data_dir, arrays_dir, tmp_path / "f.h5", tta="rot")
 
 
 def test_feature_set_concatenates_and_checks_ids(tmp_path):
@@ -172,7 +159,7 @@ def test_no_room_is_refused_before_the_model_is_built(arrays_224, tmp_path, monk
     monkeypatch.setattr(features.shutil, "disk_usage", lambda _: usage(10**9, 10**9, 1000))
     monkeypatch.setattr(features, "build_model", lambda *a: pytest.fail("built the model"))
     with pytest.raises(OSError, match=r"no room for .*f.h5.partial: the feature file needs about"):
-        extract(data_dir, arrays_dir, tmp_path / "f.h5")
+        extract_random(data_dir, arrays_dir, tmp_path / "f.h5")
 
 
 def test_a_file_that_fails_its_check_never_gets_its_final_name(arrays_224, tmp_path, monkeypatch):
@@ -187,19 +174,21 @@ def test_a_file_that_fails_its_check_never_gets_its_final_name(arrays_224, tmp_p
 
     monkeypatch.setattr(features, "_add_zeroshot", spoil)
     with pytest.raises(ValueError, match=r"f.h5.partial: train/features row 3 is all zeros"):
-        extract(data_dir, arrays_dir, out, backbone=register_tiny_backbone(224))
+        extract_random(data_dir, arrays_dir, out, backbone=register_tiny_backbone(224))
     assert not out.exists() and not out.with_name("f.h5.partial").exists()
 
 
 def test_a_truncated_feature_file_is_named_set_aside_and_rebuilt(arrays_224, tmp_path):
     data_dir, arrays_dir = arrays_224
     tiny = register_tiny_backbone(224)
-    out = extract(data_dir, arrays_dir, tmp_path / "f.h5", backbone=tiny)
+    out = extract_random(data_dir, arrays_dir, tmp_path / "f.h5", backbone=tiny)
     whole = features.load_features(out, "train")["features"]
     with open(out, "r+b") as handle:
         handle.truncate(out.stat().st_size // 2)
     with pytest.raises(ValueError, match=r"f.h5 is damaged: train unreadable .*run make"):
         features.load_features(out, "train")
     assert not out.exists() and out.with_name("f.h5.damaged").exists()
-    extract(data_dir, arrays_dir, out, backbone=tiny)  # `make` sees it missing and rebuilds it
+    extract_random(
+        data_dir, arrays_dir, out, backbone=tiny
+    )  # `make` sees it missing and rebuilds it
     assert np.array_equal(features.load_features(out, "train")["features"], whole)

@@ -7,7 +7,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from conftest import register_tiny_backbone
+from conftest import extract_random, register_tiny_backbone
 
 from dogscats import arrays, features, litert
 from dogscats.backbones import build_backbone, get_backbone
@@ -27,21 +27,6 @@ def keras_home(tmp_path, monkeypatch):
     return tmp_path / "keras"
 
 
-def _extract(data_dir, arrays_dir, out, backbone, runtime):
-    return features.extract(
-        data_dir,
-        backbone,
-        weights="random",
-        arrays_dir=arrays_dir,
-        out=out,
-        batch_size=4,
-        progress=False,
-        runtime=runtime,
-        workers=2,
-        tta="flip",
-    )
-
-
 def test_litert_features_equal_keras_features(kaggle_dataset, tmp_path):
     """A registered backbone on a small data set, with TTA=flip: same file layout, the
     runtime recorded, every feature within the tolerance of Keras's."""
@@ -49,7 +34,15 @@ def test_litert_features_equal_keras_features(kaggle_dataset, tmp_path):
     arrays.preprocess(kaggle_dataset, 32, out_dir=arrays_dir, workers=1, progress=False)
     name = register_tiny_backbone(32)
     paths = {
-        runtime: _extract(kaggle_dataset, arrays_dir, tmp_path / f"{runtime}.h5", name, runtime)
+        runtime: extract_random(
+            kaggle_dataset,
+            arrays_dir,
+            tmp_path / f"{runtime}.h5",
+            name,
+            runtime=runtime,
+            workers=2,
+            tta="flip",
+        )
         for runtime in ("keras", "litert")
     }
     for split in ("train", "test"):
