@@ -32,6 +32,8 @@ FT_LR ?=
 FT_BATCH ?=
 FT_PATIENCE ?=
 FT_DROPOUT ?=
+# make best: the backbones it fine-tunes (BLOCKS top blocks each), beside the frozen run of BACKBONES
+FT_BACKBONES ?= offline
 RUN ?=
 K ?= 48
 NORM ?= ssr_l2
@@ -68,7 +70,8 @@ PLAN_ARGS := --data-dir $(call quote,$(DATA_DIR)) --backbones $(call quote,$(BAC
 	--batch-size $(call quote,$(BATCH_SIZE)) --workers $(call quote,$(WORKERS)) \
 	--no-wait $(call quote,$(NO_WAIT)) --runtime $(call quote,$(RUNTIME)) \
 	--weights-dir $(call quote,$(WEIGHTS_DIR)) --submission $(call quote,$(SUBMISSION)) \
-	--labels $(call quote,$(LABELS)) $(if $(filter finetune,$(HEAD) $(MAKECMDGOALS)),--finetune)
+	--labels $(call quote,$(LABELS)) --ft-backbones $(call quote,$(FT_BACKBONES)) \
+	$(if $(filter finetune,$(HEAD) $(MAKECMDGOALS)),--finetune) $(if $(filter best,$(MAKECMDGOALS)),--best)
 # The venv's Python once it exists: a named KerasHub preset (BACKBONES=hub:...) is sized by
 # KerasHub, installed there; every other plan needs only the standard library.
 PLAN_PYTHON := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
@@ -77,7 +80,7 @@ $(eval $(subst ;;,$(newline),$(PLAN)))
 SUBMISSION ?= $(SUBMISSION_FILE)
 LABELS ?= $(DATA_DIR)/test_labels.csv
 
-.PHONY: help setup data preprocess features train finetune submission blend score backbones layers \
+.PHONY: help setup data preprocess features train finetune submission blend best score backbones layers \
 	bench test lint clean report \
 	check-plan
 
@@ -120,6 +123,16 @@ submission: $(SUBMISSION_FILE) | check-plan ## (default) clipped submission CSV;
 
 blend: $(BLEND_SUBMISSION) | check-plan ## blend RUNS (default: every finished run) into a submission
 	@$(if $(BLEND_MADE),:,echo "$(BLEND_SUBMISSION) is up to date: nothing to redo.")
+
+# The recipe of steps, each a make of its own so that each redoes only what is stale and an
+# interrupted `make best` resumes where it stopped (a fine-tuning run by fold and epoch).
+# Command-line variables reach every step; the steps' own override BACKBONE, HEAD and RUNS.
+STEP := $(MAKE) --no-print-directory
+best: | check-plan ## the strongest submission: the frozen run, each of FT_BACKBONES fine-tuned, their blend
+	@$(STEP) train
+	@$(foreach name,$(BEST_FT_BACKBONES),$(STEP) finetune HEAD=finetune BACKBONE=$(name) &&) :
+	@$(STEP) blend RUNS='$(BEST_RUNS)'
+	@$(CLI) summary --run-dir $(BEST_BLEND_DIR) --submission $(BEST_SUBMISSION) --clip $(CLIP)
 
 # File rules: each output's prerequisites are its inputs, so make redoes only what is stale.
 # A stage's version file (src/dogscats/versions/) is a prerequisite too: bumping it redoes runs.
@@ -205,8 +218,8 @@ BENCH_DATA ?= ../shared/data/dogs-vs-cats-sample
 bench: | $(SETUP) ## speed and memory against bare loops: writes bench/REPORT.md
 	$(PY) bench/run.py --data-dir '$(BENCH_DATA)' --out bench/REPORT.md
 
-# pytest-xdist workers (0: one process, the default until two workers are measured faster on a
-# quiet machine; README: The test suite). loadgroup keeps the tests that share a module fixture
+# pytest-xdist workers (0: one process; two measured faster on an idle 2-core machine, README:
+# The test suite). loadgroup keeps the tests that share a module fixture
 # or a built graph on one worker (tests/conftest.py), so nothing is built twice.
 TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup

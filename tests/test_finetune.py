@@ -198,6 +198,40 @@ def test_cut_cache_equals_the_networks_activations_at_the_cut(finished, tiny):
         np.testing.assert_allclose(cached[:, view], expected, rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="LiteRT exports need TF")
+def test_cut_cache_on_litert_holds_the_maps_keras_writes(tiny, tmp_path, monkeypatch):
+    """RUNTIME=litert for the cut cache: the bottom is exported as its own model (into
+    KERAS_HOME/litert, under its own name) and its maps equal Keras's within the match
+    tolerance, plain and mirrored, in the same layout."""
+    pytest.importorskip("ai_edge_litert")
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    spec = get_backbone(BACKBONE)
+    net = build_backbone(BACKBONE, weights=tiny["weights"], input_size=SIZE, pooling=None)
+    cut = model.cut_backbone(net, spec, 1)
+    lines: list[str] = []
+    maps = {
+        runtime: cache.build_cache(
+            tmp_path / runtime,
+            cut,
+            spec,
+            tiny["arrays_dir"],
+            4,
+            "float32",
+            False,
+            lines.append,
+            runtime,
+        )
+        for runtime in ("keras", "litert")
+    }
+    for split in ("train", "test"):
+        lite, plain = np.asarray(maps["litert"][split]), np.asarray(maps["keras"][split])
+        assert lite.shape == plain.shape and np.abs(plain).max() > 0.05
+        assert np.abs(lite - plain).max() <= 1e-4 * max(1.0, float(np.abs(plain).max()))
+    (export,) = (tmp_path / "keras" / "litert").glob("*.tflite")
+    assert export.name.startswith(f"{BACKBONE}@cut-{cut.layer}-{SIZE}-")
+    assert "Cut cache forward pass: LiteRT (XNNPACK) on the CPU" in "\n".join(lines)
+
+
 def test_a_second_run_is_up_to_date_and_leaves_the_run_alone(finished, tiny):
     metrics = finished["out"] / "metrics.json"
     before = metrics.stat().st_mtime_ns

@@ -80,6 +80,7 @@ def _plan_args(p):
         default = getattr(Variables, name)
         p.add_argument("--" + name.replace("_", "-"), default=default, help="the make variable")
     p.add_argument("--finetune", action="store_true", help="BACKBONE's arrays are needed")
+    p.add_argument("--best", action="store_true", help="name make best's runs and blend")
     for keyword, _ in config.FINETUNE_NAME_PARTS:
         p.add_argument("--ft-" + keyword.replace("_", "-"), default="")
 
@@ -90,7 +91,9 @@ def plan_cmd(args):
 
     variables = {name: getattr(args, name) for name in plan.MAKE_VARIABLES}
     hyperparameters = {k: getattr(args, "ft_" + k) for k, _ in config.FINETUNE_NAME_PARTS}
-    given = plan.Variables(**variables, finetune=args.finetune, hyperparameters=hyperparameters)
+    given = plan.Variables(
+        **variables, finetune=args.finetune, best=args.best, hyperparameters=hyperparameters
+    )
     print(plan.as_make(given))
 
 
@@ -339,6 +342,24 @@ def submission_cmd(args):
     submission.write_submission(
         args.run_dir, args.sample_submission, args.out, clip, wait=not args.no_wait
     )
+
+
+def _summary_args(p):
+    p.add_argument("--run-dir", required=True, help="the run folder the submission came from")
+    p.add_argument("--submission", required=True, help="the submission it wrote")
+    p.add_argument("--clip", default="auto", help="the clip it was written with")
+
+
+@command("summary", "a run's submission and its out-of-fold estimate (make best's last line)")(
+    _summary_args
+)
+def summary_cmd(args):
+    from dogscats import submission
+
+    if not os.path.isfile(args.submission):
+        raise ValueError(f"{args.submission}: no such submission; run make best again.")
+    clip = None if args.clip == "auto" else float(args.clip)
+    print(submission.summary(args.run_dir, args.submission, clip))
 
 
 def _score_args(p):

@@ -49,13 +49,15 @@ class Variables:
     no_wait: str = ""  # 1: a stage refuses, rather than waits, when another run holds its lock
     runtime: str = "auto"  # what runs the forward passes (litert.py)
     layer: str = ""  # pool this layer of each of BACKBONES instead of its output
+    ft_backbones: str = "offline"  # make best: the backbones it fine-tunes, BLOCKS top blocks each
     finetune: bool = False  # HEAD=finetune or `make finetune`: BACKBONE's arrays are needed
+    best: bool = False  # `make best`: the fine-tuned runs and the blend it makes are named
     hyperparameters: dict[str, str] = field(default_factory=dict)  # FT_* set on the command line
 
 
 # The plain string fields: one `--name` flag each on `dogscats.cli plan`.
 MAKE_VARIABLES = tuple(
-    f.name for f in fields(Variables) if f.name not in ("finetune", "hyperparameters")
+    f.name for f in fields(Variables) if f.name not in ("finetune", "best", "hyperparameters")
 )
 
 
@@ -137,6 +139,7 @@ def _check_paths(v: Variables) -> None:
         _refuse_unsafe(name, value, lambda c: not (c.isalnum() or c in _MAKE_SAFE_EXTRAS))
     # Backbone names are passed unquoted too; a source's prefix (hub:, savedmodel:) has a colon.
     backbone_names = [("BACKBONES", name) for name in v.backbones.split()]
+    backbone_names += [("FT_BACKBONES", name) for name in v.ft_backbones.split()]
     for name, value in [*backbone_names, ("BACKBONE", v.backbone)]:
         _refuse_unsafe(name, value, lambda c: not (c.isalnum() or c in _MAKE_SAFE_EXTRAS + ":"))
     for name, value in (
@@ -304,6 +307,7 @@ def plan(v: Variables) -> list[str]:
         f"HEAD_NORM := {head_norm}",
         f"LOCK_FLAGS := {'--no-wait' if v.no_wait == '1' else ''}",
         *_blend_lines(v, models),
+        *(_best_lines(v, models, run, settings, hp) if v.best else []),
     ]
     readers: dict[str, list[str]] = {}  # arrays folder -> the backbones that read it
     for name in sizes:
@@ -338,6 +342,30 @@ def _blend_lines(v: Variables, models: Path) -> list[str]:
         f"BLEND_DIR := {_relative(models / name)}",
         f"BLEND_SUBMISSION := {_relative(config.submission_path(v.data_dir, name, v.clip))}",
         f"BLEND_VERSION := {_relative(config.method_version_file('blend'))}",
+    ]
+
+
+def _best_lines(v: Variables, models: Path, run: str, settings: dict, hp: dict) -> list[str]:
+    """`make best`: the backbones it fine-tunes, the runs it blends (the frozen run of these
+    variables first, then each fine-tuned one) and that blend's folder and submission."""
+    if v.head == "finetune":
+        raise ValueError(
+            "make best fits the frozen head of BACKBONES itself, then fine-tunes each of "
+            "FT_BACKBONES: give HEAD a frozen head (logreg, keras, ...), not finetune."
+        )
+    if not v.ft_backbones.split():
+        raise ValueError("FT_BACKBONES is empty: name the backbones make best fine-tunes.")
+    names = backbones.expand_names(v.ft_backbones)
+    ft_runs = [
+        config.finetune_run_name(name, int(v.blocks), v.augment, hp, **settings) for name in names
+    ]
+    blended = [run, *ft_runs]
+    blend_name = config.blend_run_name(blended)
+    return [
+        f"BEST_FT_BACKBONES := {' '.join(names)}",
+        f"BEST_RUNS := {' '.join(blended)}",
+        f"BEST_BLEND_DIR := {_relative(models / blend_name)}",
+        f"BEST_SUBMISSION := {_relative(config.submission_path(v.data_dir, blend_name, v.clip))}",
     ]
 
 

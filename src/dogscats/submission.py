@@ -135,6 +135,35 @@ def read_ids(sample_submission: str | os.PathLike) -> pd.Series:
     return ids.astype("int64").astype(str).reset_index(drop=True)
 
 
+def clip_and_estimate(oof: pd.DataFrame, clip_value: float | None) -> tuple[float, float]:
+    """The clip of a run's submission (chosen on its out-of-fold predictions, or CLIP) and the
+    out-of-fold log loss of the predictions clipped so: the submission's honest estimate."""
+    if clip_value is not None:
+        check_clip(str(clip_value))
+    labels, predictions = oof["label"].to_numpy(), oof["pred"].to_numpy()
+    c = choose_clip(labels, predictions) if clip_value is None else float(clip_value)
+    return c, log_loss(labels, clip(predictions, c))
+
+
+def summary(run_dir: str | os.PathLike, out: str | os.PathLike, clip_value: float | None) -> str:
+    """What `make best` ends with: the submission's path, its out-of-fold estimate and, for a
+    blend, each run's weight and own out-of-fold log loss."""
+    run = runs.read_run(run_dir)
+    c, estimate = clip_and_estimate(run.oof, clip_value)
+    lines = [
+        f"Submission: {out}",
+        f"  out-of-fold log loss {estimate:.5f} (clip c={c:g}), accuracy "
+        f"{run.metrics['accuracy']:.4f}, over {len(run.oof)} train images",
+    ]
+    weights = run.metrics.get("weights", {})
+    if weights:
+        lines[1] += " (the blend's own out-of-fold predictions: nested cross-validation)"
+    for name, weight in weights.items():
+        own = run.metrics["run_log_loss"][name]
+        lines.append(f"  {weight:7.4f} x {name} (its out-of-fold log loss {own:.5f})")
+    return "\n".join(lines)
+
+
 def write_submission(
     run_dir: str | os.PathLike,
     sample_submission: str | os.PathLike,
@@ -152,15 +181,8 @@ def write_submission(
 
 def _write_submission(run_dir, sample_submission, out, clip_value, log) -> dict[str, float]:
     run = runs.read_run(run_dir)
-    oof, test, cv = run.oof, run.test, run.metrics
-    if clip_value is not None:
-        check_clip(str(clip_value))
-    c = (
-        choose_clip(oof["label"].to_numpy(), oof["pred"].to_numpy())
-        if clip_value is None
-        else float(clip_value)
-    )
-    clipped_oof = log_loss(oof["label"], clip(oof["pred"].to_numpy(), c))
+    test, cv = run.test, run.metrics
+    c, clipped_oof = clip_and_estimate(run.oof, clip_value)
     ids = read_ids(sample_submission)
     frame = test.rename(columns={"pred": "label"})
     frame["label"] = clip(frame["label"].to_numpy(), c)
