@@ -21,9 +21,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import REPO, register_tiny_backbone, write_kaggle_dataset
+from conftest import REPO, extract_random, register_tiny_backbone, write_kaggle_dataset
 
-from dogscats import arrays, config, features, store
+from dogscats import arrays, config, store
 from dogscats.arrays import rows, workers
 from dogscats.finetune.inputs import Source
 
@@ -172,16 +172,7 @@ def test_make_waits_for_the_lock_holder_or_refuses_with_no_wait(tmp_path):
 
 
 def _extract(data_dir, arrays_dir, out, wait=True):
-    return features.extract(
-        data_dir,
-        register_tiny_backbone(SIZE),
-        weights="random",
-        batch_size=4,
-        arrays_dir=arrays_dir,
-        out=out,
-        progress=False,
-        wait=wait,
-    )
+    return extract_random(data_dir, arrays_dir, out, register_tiny_backbone(SIZE), wait=wait)
 
 
 def _h5(path) -> dict:

@@ -20,9 +20,15 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import register_tiny_backbone, separable, write_features, write_kaggle_dataset
+from conftest import (
+    extract_random,
+    register_tiny_backbone,
+    separable,
+    write_features,
+    write_kaggle_dataset,
+)
 
-from dogscats import arrays, features, train
+from dogscats import arrays, train
 from dogscats.arrays import partial, stage, workers
 from dogscats.forward import Forward
 from dogscats.heads import LogisticHead
@@ -104,16 +110,7 @@ def test_preprocess_killed_at_random_moments_resumes_to_the_same_arrays(
 
 
 def _extract(data_dir, arrays_dir, out):
-    return features.extract(
-        data_dir,
-        register_tiny_backbone(SIZE),
-        weights="random",
-        tta="flip",
-        batch_size=4,
-        arrays_dir=arrays_dir,
-        out=out,
-        progress=False,
-    )
+    return extract_random(data_dir, arrays_dir, out, register_tiny_backbone(SIZE), tta="flip")
 
 
 def _h5_contents(path) -> dict:
