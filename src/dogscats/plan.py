@@ -335,14 +335,20 @@ def _blend_lines(v: Variables, models: Path) -> list[str]:
     # WEIGHTS=random runs are dry runs: only a blend that names them takes them.
     left_out = [p for p in finished if config.random_weights_run(p)]
     run_dirs = given or [p for p in finished if p not in left_out]
-    name = config.blend_run_name([p.name for p in run_dirs])
+    folder, submission = _blend_outputs(v, models, [p.name for p in run_dirs])
     return [
         f"BLEND_RUN_DIRS := {' '.join(_relative(p) for p in run_dirs)}",
         f"BLEND_LEFT_OUT := {' '.join(p.name for p in left_out)}",
-        f"BLEND_DIR := {_relative(models / name)}",
-        f"BLEND_SUBMISSION := {_relative(config.submission_path(v.data_dir, name, v.clip))}",
+        f"BLEND_DIR := {folder}",
+        f"BLEND_SUBMISSION := {submission}",
         f"BLEND_VERSION := {_relative(config.method_version_file('blend'))}",
     ]
+
+
+def _blend_outputs(v: Variables, models: Path, run_names: list[str]) -> tuple[str, str]:
+    """The run folder and the submission of the blend of these runs, as make sees them."""
+    name = config.blend_run_name(run_names)
+    return _relative(models / name), _relative(config.submission_path(v.data_dir, name, v.clip))
 
 
 def _best_lines(v: Variables, models: Path, run: str, settings: dict, hp: dict) -> list[str]:
@@ -360,12 +366,12 @@ def _best_lines(v: Variables, models: Path, run: str, settings: dict, hp: dict) 
         config.finetune_run_name(name, int(v.blocks), v.augment, hp, **settings) for name in names
     ]
     blended = [run, *ft_runs]
-    blend_name = config.blend_run_name(blended)
+    folder, submission = _blend_outputs(v, models, blended)
     return [
         f"BEST_FT_BACKBONES := {' '.join(names)}",
         f"BEST_RUNS := {' '.join(blended)}",
-        f"BEST_BLEND_DIR := {_relative(models / blend_name)}",
-        f"BEST_SUBMISSION := {_relative(config.submission_path(v.data_dir, blend_name, v.clip))}",
+        f"BEST_BLEND_DIR := {folder}",
+        f"BEST_SUBMISSION := {submission}",
     ]
 
 
