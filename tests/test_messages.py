@@ -1,8 +1,8 @@
-"""messages.some_names: a few names and how many more, for one-line messages."""
+"""messages: a few names and how many more, and an error's first line, for one-line messages."""
 
 from __future__ import annotations
 
-from dogscats.messages import some_names
+from dogscats.messages import first_line, some_names
 
 
 def test_a_long_list_is_five_names_and_a_count():
@@ -15,3 +15,9 @@ def test_a_short_list_is_shown_whole():
     assert some_names(["a.jpg", "b.jpg"]) == "a.jpg, b.jpg"
     assert some_names([f"{i}" for i in range(5)]) == "0, 1, 2, 3, 4"
     assert some_names([]) == ""
+
+
+def test_an_error_is_named_by_its_first_line_else_its_type():
+    assert first_line(ValueError("bad row 3\nTraceback details\n...")) == "bad row 3"
+    assert first_line(OSError("\ndisk full\nmore")) == "disk full"
+    assert first_line(KeyError()) == "KeyError"

@@ -25,7 +25,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from dogscats import arrays, config, litert, store
+from dogscats import arrays, config, litert, messages, store
 from dogscats.backbones import BackboneSpec, build_backbone, get_backbone, resolve_keras_weights
 from dogscats.backbones import layers as backbone_layers
 from dogscats.backbones.weights import check_keras_weights
@@ -272,7 +272,7 @@ def _h5_reason(error: BaseException) -> str:
     """The system's reason inside HDF5's long message, e.g. 'No space left on device'."""
     text = str(error)
     match = re.search(r"error message = '([^']+)'", text)
-    return match.group(1) if match else (text.splitlines()[0] if text else type(error).__name__)
+    return match.group(1) if match else messages.first_line(error)
 
 
 def verify_feature_file(path: Path, wanted: dict[str, object], counts: dict[str, int]) -> None:

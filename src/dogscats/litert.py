@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dogscats import config, store
+from dogscats import config, messages, store
 from dogscats.backbones import BackboneSpec
 from dogscats.backbones.weights import keras_home
 from dogscats.forward import Placement, make_forward
@@ -138,7 +138,7 @@ def export(model, spec: BackboneSpec, name: str, log=print) -> Path:
                 return path
             except (ValueError, RuntimeError) as error:
                 aside = store.set_aside(path)
-                why = _first_line(error)
+                why = messages.first_line(error)
                 log(f"{path} is damaged ({why}): moved to {aside.name}, rebuilding it")
         log(f"Exporting {name} @{spec.input_size} for LiteRT into {path}")
         try:
@@ -148,9 +148,8 @@ def export(model, spec: BackboneSpec, name: str, log=print) -> Path:
         except RuntimeChoiceError:
             raise
         except Exception as error:  # the converter raises many kinds; each is one line here
-            raise RuntimeChoiceError(
-                f"{name} did not export to LiteRT ({type(error).__name__}: {_first_line(error)})."
-            ) from None
+            why = f"{type(error).__name__}: {messages.first_line(error)}"
+            raise RuntimeChoiceError(f"{name} did not export to LiteRT ({why}).") from None
         return path
 
 
@@ -220,11 +219,6 @@ def _litert_version() -> str:
         return version("ai-edge-litert")
     except PackageNotFoundError:
         return "absent"
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""How a one-line message names many things: the first few, then how many more.
+"""One-line messages: many things named by the first few and how many more; an error by
+its first line.
 
 A message that listed every one of 3,000 misnamed files would be 40,000 characters on one
 line; the full list belongs in a report file (report.csv) or a listing the user can make.
@@ -17,3 +18,9 @@ def some_names(names: Iterable[str], shown: int = SHOWN) -> str:
     text = ", ".join(names[:shown])
     rest = len(names) - shown
     return f"{text} and {rest:,} more" if rest > 0 else text
+
+
+def first_line(error: BaseException) -> str:
+    """An error's own first line (libraries' messages run to pages), else its type's name."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

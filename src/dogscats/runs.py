@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dogscats import config, store
+from dogscats import config, messages, store
 
 if TYPE_CHECKING:
     import numpy as np
@@ -146,7 +146,7 @@ def _read_predictions(run_dir: Path, name: str, columns: list[str]) -> pd.DataFr
         elif not frame["pred"].between(0, 1).all():  # NaN fails too
             problem = "predictions missing or outside [0, 1]"
     except (OSError, ValueError) as error:
-        problem = f"unreadable ({str(error).splitlines()[0] if str(error) else error!r})"
+        problem = f"unreadable ({messages.first_line(error)})"
     if problem is not None:
         store.set_aside(metrics_path(run_dir))
         raise store.DamagedFileError(

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dogscats import runs, store
+from dogscats import messages, runs, store
 from dogscats.plan import check_clip
 
 # Never 0: a clip of 1e-4 costs at most 9.2 / n_test per confident mistake on the leaderboard.
@@ -104,7 +104,7 @@ def read_csv(path: str | os.PathLike, what: str) -> pd.DataFrame:
     try:
         return pd.read_csv(path, dtype=str, keep_default_na=False)
     except (ValueError, UnicodeDecodeError) as error:  # empty file, ragged rows, binary
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        first = messages.first_line(error)
         raise SubmissionError(f"{path} is not a readable CSV ({first}): {what}") from None
 
 

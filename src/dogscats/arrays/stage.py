@@ -54,7 +54,7 @@ from dogscats.arrays.rows import (
 from dogscats.arrays.sources import FORMAT_VERSION, Listing, list_split
 from dogscats.arrays.workers import Decoder
 from dogscats.data import BadInputError
-from dogscats.messages import some_names
+from dogscats.messages import first_line, some_names
 from dogscats.store import (
     SPLITS,
     DamagedFileError,
@@ -279,7 +279,7 @@ def load_split(out_dir: str | os.PathLike, split: str) -> tuple[np.ndarray, pd.D
     try:
         index = pd.read_csv(index_csv, dtype={"id": str if split == "train" else "int64"})
     except (OSError, ValueError) as error:
-        _damaged(out, index_csv, f"unreadable ({str(error).splitlines()[0]})")
+        _damaged(out, index_csv, f"unreadable ({first_line(error)})")
     counts = (len(images), len(index), manifest["counts"][split])
     if not counts[0] == counts[1] == counts[2]:
         _damaged(
