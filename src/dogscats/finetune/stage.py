@@ -127,7 +127,7 @@ def finetune(
             "input_size": int(train_images.shape[1]),
             "fingerprint": manifest["fingerprint"],
             "head_run": str(head_path.resolve()),
-            "head_run_sha1": store.digest((head_path / "oof.csv").read_bytes()),
+            "head_run_sha1": config.file_digest(head_path / "oof.csv"),
             **dataclasses.asdict(hp),
             "cache_dtype": cache_dtype if augment == "flip" else None,
         }
