@@ -71,7 +71,8 @@ PLAN_ARGS := --data-dir $(call quote,$(DATA_DIR)) --backbones $(call quote,$(BAC
 	--no-wait $(call quote,$(NO_WAIT)) --runtime $(call quote,$(RUNTIME)) \
 	--weights-dir $(call quote,$(WEIGHTS_DIR)) --submission $(call quote,$(SUBMISSION)) \
 	--labels $(call quote,$(LABELS)) --ft-backbones $(call quote,$(FT_BACKBONES)) \
-	$(if $(filter finetune,$(HEAD) $(MAKECMDGOALS)),--finetune) $(if $(filter best,$(MAKECMDGOALS)),--best)
+	$(if $(filter finetune,$(HEAD) $(MAKECMDGOALS)),--finetune) $(if $(filter best print-BEST_%,$(MAKECMDGOALS)),--best)
+# (--best for print-BEST_* too: scripts/levers.py asks make what make best names.)
 # The venv's Python once it exists: a named KerasHub preset (BACKBONES=hub:...) is sized by
 # KerasHub, installed there; every other plan needs only the standard library.
 PLAN_PYTHON := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
@@ -161,7 +162,8 @@ $(sort $(FEATURE_FILES) $(FT_HEAD_FEATURES)): | $(SETUP)
 	$(CLI) features --data-dir '$(DATA_DIR)' --backbone $(EXTRACT_BACKBONE) --weights $(WEIGHTS) \
 		--tta $(EXTRACT_TTA) --precision $(PRECISION) --batch-size $(BATCH_SIZE) \
 		--devices '$(DEVICES)' --arrays $(EXTRACT_ARRAYS) --out $@ $(if $(EXTRACT_LAYER),--layer $(EXTRACT_LAYER)) \
-		--runtime '$(RUNTIME)' $(if $(WORKERS),--workers $(WORKERS)) $(LOCK_FLAGS)
+		--runtime '$(RUNTIME)' $(if $(WORKERS),--workers $(WORKERS)) $(LOCK_FLAGS) \
+		$(if $(and $(EXTRACT_AHEAD),$(filter-out keras,$(RUNTIME))),--export-ahead $(EXTRACT_AHEAD))
 
 # $(call train_head,feature files,run folder,head,normalisation[,exclude list])
 train_head = $(CLI) train --features $(1) --out $(2) --head $(3) --tta $(TTA) --folds $(FOLDS) --seed $(SEED) \

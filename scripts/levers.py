@@ -1,12 +1,16 @@
-"""The lever table of README.md: each lever as `make` runs it on the shared sample, scored
-out of fold (clipped as the submission is, with the spread over folds), against the sample's
-test labels (`make score`), and timed (wall time of `make submission` / `make blend`, the
-features already extracted).
+"""The lever table of README.md: each lever as `make` runs it, scored out of fold (clipped as
+the submission is), against the data set's test labels (`make score`), and timed (wall time of
+the make, the features already extracted). With several fold seeds (`--seeds`) each lever
+runs once per seed and its row shows the mean over seeds with their spread (std), which is
+how a lever is judged on the dev set (README, "make best"); with one seed the spread is over
+folds.
 
     make features DATA_DIR=../shared/data/dogs-vs-cats-sample TTA=flip \
         BACKBONES="efficientnet_lite0 efficientnet_lite1 efficientnet_lite2"
     make features DATA_DIR=../shared/data/dogs-vs-cats-sample BACKBONES=offline TTA=flip
     .venv/bin/python scripts/levers.py --data-dir ../shared/data/dogs-vs-cats-sample
+    # fine-tuning levers on the dev set, 3 fold seeds (each `make best`: 20-30 min per seed)
+    .venv/bin/python scripts/levers.py --data-dir /work/dev --seeds 2017 1 2 --rows best
 
 The blend rows blend the runs of the rows they name; the EXCLUDE row (`--exclude LIST`, a
 list of this data set's train files) is also scored on the rows it and its base row both keep.
@@ -51,6 +55,14 @@ ROWS = [
         for name in offline_backbones()
     ),
 ]
+# `make best` variants (the frozen run of BACKBONES=offline, each offline backbone fine-tuned,
+# their blend): a row per fine-tuning lever, picked with --rows best.
+BEST = ["BACKBONES=offline", "TTA=none", "FT_EPOCHS=4"]
+BEST_ROWS = [
+    ("make best: 1 block, 4 epochs", BEST),
+    ("make best: 2 blocks, 4 epochs", [*BEST, "BLOCKS=2"]),
+    ("make best: 1 block, 10 epochs", [*BEST, "FT_EPOCHS=10"]),
+]
 
 
 def make(*args: str) -> tuple[str, float]:
@@ -83,12 +95,10 @@ def clipped_scores(run: runs.Run, rows: np.ndarray | None = None) -> tuple[float
 def evaluate(label: str, target: str, variables: list[str], extra: list[str]) -> dict:
     args = [target, *variables, *extra]
     _, seconds = make(*args)
-    prefix = "BLEND_" if target == "blend" else ""
-    run_dir = REPO / make_var(f"{prefix}DIR" if prefix else "RUN_DIR", *args[1:])
-    csv = make_var(f"{prefix}SUBMISSION" if prefix else "SUBMISSION", *args[1:])
+    run_dir, csv = (make_var(name, *args[1:]) for name in OUTPUTS[target])
     score = make("-s", "score", *args[1:], f"SUBMISSION={csv}")[0].strip()
     test = dict(part.split("=") for part in score.split())
-    run = runs.read_run(run_dir)
+    run = runs.read_run(REPO / run_dir)
     oof, spread = clipped_scores(run)
     return {
         "label": label,
@@ -101,7 +111,39 @@ def evaluate(label: str, target: str, variables: list[str], extra: list[str]) ->
     }
 
 
+# What each target writes: the make variables naming its run folder and its submission.
+OUTPUTS = {
+    "submission": ("RUN_DIR", "SUBMISSION"),
+    "blend": ("BLEND_DIR", "BLEND_SUBMISSION"),
+    "best": ("BEST_BLEND_DIR", "BEST_SUBMISSION"),
+}
+
+
+def over_seeds(results: list[dict]) -> dict:
+    """One row from a lever's runs with several fold seeds: means, and the spread (std) of the
+    out-of-fold log loss over seeds; one seed's row as it is."""
+    if len(results) == 1:
+        return results[0]
+    mean = {key: float(np.mean([r[key] for r in results])) for key in NUMBERS}
+    spread = float(np.std([r["oof"] for r in results]))
+    return {**results[0], **mean, "spread": spread, "seeds": results}
+
+
+NUMBERS = ("oof", "test", "accuracy", "seconds")
+
+
+def per_seed(results: dict) -> list[dict]:
+    return results.get("seeds", [results])
+
+
 def row(r: dict, note: str = "") -> str:
+    seeds = per_seed(r)
+    if len(seeds) > 1:
+        note = (
+            " / ".join(f"{s['oof']:.4f}" for s in seeds)
+            + " by seed"
+            + (f"; {note}" if note else "")
+        )
     return (
         f"| {r['label']} | {r['oof']:.4f} ± {r['spread']:.4f} | {r['test']:.4f} | "
         f"{r['accuracy']:.4f} | {r['seconds']:.0f} s | {note} |"
@@ -113,16 +155,35 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--exclude", type=Path, help="an EXCLUDE list of this data set")
     parser.add_argument(
+        "--seeds", nargs="+", type=int, default=[config.SEED], help="fold seeds (SEED=)"
+    )
+    parser.add_argument(
+        "--rows",
+        choices=["frozen", "best"],
+        default="frozen",
+        help="frozen: the heads' levers (and their blends); best: make best's levers",
+    )
+    parser.add_argument(
         "--make", nargs=argparse.REMAINDER, default=[], help="more make arguments (last)"
     )
     args = parser.parse_args()
     extra = [f"DATA_DIR={args.data_dir}", f"LABELS={args.data_dir / 'test_labels.csv'}"]
     extra += args.make
-    print("| lever | OOF log loss ± fold std | test log loss | test acc | time | note |")
+    spread = "seeds" if len(args.seeds) > 1 else "folds"
+    print(f"| lever | OOF log loss ± std over {spread} | test log loss | test acc | time | note |")
     print("| --- | --- | --- | --- | --- | --- |")
+
+    def lever(label: str, target: str, variables: list[str], seeds=args.seeds) -> dict:
+        runs_ = [evaluate(label, target, [*variables, f"SEED={s}"], extra) for s in seeds]
+        return over_seeds(runs_)
+
+    if args.rows == "best":
+        for label, variables in BEST_ROWS:
+            print(row(lever(label, "best", variables)), flush=True)
+        return
     done = {}
     for label, variables in ROWS:
-        done[label] = evaluate(label, "submission", [*COMMON, *variables], extra)  # last wins
+        done[label] = lever(label, "submission", [*COMMON, *variables])  # last wins
         print(row(done[label]), flush=True)
     blends = [
         (
@@ -132,20 +193,19 @@ def main() -> None:
         ("blend: every run above", list(done)),
     ]
     for label, parts in blends:
-        names = " ".join(done[p]["run"].path.name for p in parts)
-        r = evaluate(label, "blend", [*COMMON, f"RUNS={names}"], extra)
+        results = []
+        for k, seed in enumerate(args.seeds):
+            names = " ".join(per_seed(done[p])[k]["run"].path.name for p in parts)
+            results.append(lever(label, "blend", [*COMMON, f"RUNS={names}"], [seed]))
+        r = over_seeds(results)
         weights = r["run"].metrics["weights"]
         note = "weights " + ", ".join(f"{w:.2f}" for w in weights.values())
         print(row(r, note), flush=True)
     if args.exclude:
         base_label = "logreg, ssr_l2, no flip"
-        base = done[base_label]
-        r = evaluate(
-            f"{base_label}, EXCLUDE",
-            "submission",
-            [*COMMON, *dict(ROWS)[base_label], f"EXCLUDE={args.exclude}"],
-            extra,
-        )
+        base = per_seed(done[base_label])[0]
+        variables = [*COMMON, *dict(ROWS)[base_label], f"EXCLUDE={args.exclude}"]
+        r = lever(f"{base_label}, EXCLUDE", "submission", variables, args.seeds[:1])
         kept = ~np.isin(base["run"].oof["id"], r["run"].metrics["excluded"])
         both = clipped_scores(base["run"], kept)[0], clipped_scores(r["run"], kept)[0]
         note = f"on the {kept.sum()} rows both keep: {both[0]:.4f} -> {both[1]:.4f}"

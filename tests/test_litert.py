@@ -4,6 +4,7 @@ keyed by weights and size, a damaged file set aside and rebuilt), and auto's fal
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -124,3 +125,106 @@ def test_auto_falls_back_to_keras_in_one_line_and_litert_refuses(monkeypatch):
     assert not litert.wanted("auto", where, "bfloat16")
     lite_spec = dataclasses.replace(spec)
     assert litert.forward(model, lite_spec, 2, False, where, "keras").runtime == "keras"
+
+
+def test_a_recorded_export_is_opened_without_starting_keras(kaggle_dataset, tmp_path, keras_home):
+    """The first extraction exports (Keras started) and records the export, with the run's
+    other backbone exported ahead; a fresh process then extracts both from the records
+    without importing Keras or TensorFlow, and writes the same features."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    arrays_dir = tmp_path / "arrays"
+    arrays.preprocess(kaggle_dataset, 32, out_dir=arrays_dir, workers=1, progress=False)
+    name, other = register_tiny_backbone(32), register_tiny_backbone(24)
+    first = extract_random(
+        kaggle_dataset,
+        arrays_dir,
+        tmp_path / "first.h5",
+        name,
+        runtime="litert",
+        workers=1,
+        export_ahead=(other,),
+    )
+    assert len(list((keras_home / "litert").glob("*.record.json"))) == 2
+    other_arrays = tmp_path / "arrays24"
+    arrays.preprocess(kaggle_dataset, 24, out_dir=other_arrays, workers=1, progress=False)
+    code = (
+        "import sys\n"
+        "from conftest import extract_random, register_tiny_backbone\n"
+        f"for size, arrays, out in ((32, {str(arrays_dir)!r}, 'again.h5'),"
+        f" (24, {str(other_arrays)!r}, 'other.h5')):\n"
+        f"    extract_random({str(kaggle_dataset)!r}, arrays, {str(tmp_path)!r} + '/' + out,"
+        " register_tiny_backbone(size), runtime='auto', devices='cpu', workers=1)\n"
+        "started = {'keras', 'tensorflow'} & set(sys.modules)\n"
+        "assert not started, started\n"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO / 'tests'}",
+        "KERAS_HOME": str(keras_home),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Exporting" not in result.stdout
+    again = features.load_features(tmp_path / "again.h5", "train")
+    np.testing.assert_array_equal(
+        again["features"], features.load_features(first, "train")["features"]
+    )
+    assert again["attrs"]["runtime"] == "litert"
+    assert (
+        again["attrs"]["keras_version"]
+        == features.load_features(first, "train")["attrs"]["keras_version"]
+    )
+    assert features.load_features(tmp_path / "other.h5", "test")["features"].shape[1] == 8
+
+
+def test_a_record_is_stale_once_a_weights_file_or_the_export_changes(tmp_path, keras_home):
+    model, spec = _tiny(16)
+    weights_file = tmp_path / "weights.h5"
+    weights_file.write_bytes(b"weights")
+    source = litert.Source("imagenet", None, (weights_file,))
+    path = litert.export(model, spec, spec.name, log=lambda line: None, source=source)
+    assert litert.recorded_export(spec, spec.name, source) == path
+    for other in (
+        litert.Source("imagenet", str(tmp_path), (weights_file,)),  # another WEIGHTS_DIR
+        litert.Source("random", None, ()),  # never recorded
+        litert.Source("imagenet", None, None),  # files unknown: never looked up
+    ):
+        assert litert.recorded_export(spec, spec.name, other) is None
+    os.utime(weights_file, ns=(1, 1))  # the weights file replaced behind the tool's back
+    assert litert.recorded_export(spec, spec.name, source) is None
+    litert.export(model, spec, spec.name, log=lambda line: None, source=source)  # re-recorded
+    assert litert.recorded_export(spec, spec.name, source) == path
+    path.write_bytes(path.read_bytes()[:-1] + b"\0")
+    assert litert.recorded_export(spec, spec.name, source) is None
+
+
+def test_litert_is_chosen_without_keras_only_where_it_surely_would_be(monkeypatch, tmp_path):
+    monkeypatch.setattr(litert, "GPU_DEVICE_NODES", ())
+    monkeypatch.setattr(litert.sys, "platform", "linux")
+    assert litert.wanted_without_keras("auto", "float32", "auto")
+    assert litert.wanted_without_keras("litert", "float32", "2")
+    assert not litert.wanted_without_keras("keras", "float32", "cpu")
+    assert not litert.wanted_without_keras("auto", "bfloat16", "cpu")
+    assert not litert.wanted_without_keras("auto", "float32", "2")
+    monkeypatch.setattr(litert, "GPU_DEVICE_NODES", (str(tmp_path),))  # a GPU's device node
+    assert not litert.wanted_without_keras("auto", "float32", "auto")
+    assert litert.wanted_without_keras("auto", "float32", "cpu")
+    monkeypatch.setattr(litert, "configured_backend", lambda: "jax")
+    assert not litert.wanted_without_keras("litert", "float32", "cpu")
+
+
+def test_the_backend_is_read_as_keras_reads_it(monkeypatch, tmp_path):
+    monkeypatch.delitem(litert.sys.modules, "keras")  # as if Keras were not started
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.delenv("KERAS_BACKEND", raising=False)
+    assert litert.configured_backend() == "tensorflow"
+    (tmp_path / "keras.json").write_text('{"backend": "jax"}')
+    assert litert.configured_backend() == "jax"
+    monkeypatch.setenv("KERAS_BACKEND", "torch")
+    assert litert.configured_backend() == "torch"

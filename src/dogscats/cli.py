@@ -197,6 +197,12 @@ def _features_args(p):
     p.add_argument("--devices", default="auto", help=config.DEVICES_HELP)
     p.add_argument("--out", help="feature file; default features/<dataset>/<backbone>.h5")
     p.add_argument("--layer", default="", help="pool this layer instead of the output")
+    p.add_argument(
+        "--export-ahead",
+        nargs="*",
+        default=[],
+        help="backbones to export for LiteRT too, when this extraction starts Keras",
+    )
     _no_wait(p)
 
 
@@ -219,6 +225,7 @@ def features_cmd(args):
         wait=not args.no_wait,
         runtime=args.runtime,
         workers=args.workers,
+        export_ahead=tuple(args.export_ahead),
     )
 
 

@@ -28,7 +28,7 @@ import numpy as np
 from dogscats import arrays, config, litert, messages, store
 from dogscats.backbones import BackboneSpec, build_backbone, get_backbone, resolve_keras_weights
 from dogscats.backbones import layers as backbone_layers
-from dogscats.backbones.weights import check_keras_weights
+from dogscats.backbones.weights import check_keras_weights, weights_files
 from dogscats.forward import Forward, check_devices, place, run_forward
 from dogscats.store import SPLITS
 
@@ -110,11 +110,13 @@ def extract(
     runtime: str = "keras",
     workers: int | None = None,
     wait: bool = True,
+    export_ahead: tuple[str, ...] = (),
 ) -> Path:
     """Write (or find up to date) the feature file of one backbone; return its path.
     `layer`: pool that layer's output instead of the backbone's last (checked first).
     `runtime`: keras (here), litert or auto (the CLI's and make's default; litert.py);
-    `workers`: the interpreter's threads (default every core).
+    `workers`: the interpreter's threads (default every core); `export_ahead`: backbones
+    exported for LiteRT here when this extraction starts Keras (`export_ahead`).
     Another extraction into the same folder is waited for (`wait` False: BusyError)."""
     spec = get_backbone(backbone)
     _check_choice("TTA", tta, ("none", "flip"))
@@ -146,6 +148,7 @@ def extract(
             layer,
             runtime,
             workers,
+            export_ahead,
         )
 
 
@@ -163,6 +166,7 @@ def _extract(
     layer,
     runtime,
     workers,
+    ahead=(),
 ) -> Path:
     """`extract` under its lock: the up-to-date check, then the whole extraction."""
     manifest = arrays.read_manifest(arrays_dir)
@@ -185,6 +189,8 @@ def _extract(
         spec, weights, weights_dir, precision, batch_size, tta, devices, layer, runtime, workers
     )
     batch_size = forward.batch_size
+    if forward.runtime == "litert" and "keras" in sys.modules:
+        export_ahead(ahead, weights, weights_dir, layer)
     print(f"Forward pass: {forward.placement.describe()}, batch {batch_size}", flush=True)
     with _write_errors(partial, needed):
         with h5py.File(_open_partial(partial, wanted, forward.runtime), "a") as handle:
@@ -351,16 +357,45 @@ def build_forward(
 ) -> Forward | litert.LiteForward:
     """The forward pass `extract` runs (bench/ measures this same one): the model built on
     `devices`, a batch rounded up to split over them, the mirrored pass with flip; compiled by
-    Keras, or exported to LiteRT as `runtime` says (litert.forward)."""
+    Keras, or exported to LiteRT as `runtime` says (litert.forward). A LiteRT export recorded
+    for this network is opened without starting Keras (litert.recorded_forward)."""
+    flip = tta == "flip"
+    name = config.layer_stem(spec.name, layer)
+    source = export_source(spec, weights, weights_dir)
+    recorded = litert.recorded_forward(
+        spec, name, source, batch_size, flip, runtime, precision, devices, workers
+    )
+    if recorded is not None:
+        return recorded
     where = place(devices)
     with where.scope():
         model = build_model(spec, weights, weights_dir, precision, layer)
     batch_size = where.batch_size(batch_size)
-    flip = tta == "flip"
-    name = config.layer_stem(spec.name, layer)
     return litert.forward(
-        model, spec, batch_size, flip, where, runtime, precision, workers, name, log=_say
+        model, spec, batch_size, flip, where, runtime, precision, workers, name, _say, source
     )
+
+
+def export_source(spec: BackboneSpec, weights: str, weights_dir: str | None) -> litert.Source:
+    return litert.Source(weights, weights_dir, weights_files(spec, weights, weights_dir))
+
+
+def export_ahead(
+    backbones: list[str], weights: str, weights_dir: str | None, layer: str | None
+) -> None:
+    """Export for LiteRT the other backbones of a run while Keras is started here, so that
+    their own extractions open the records without starting it (make passes them)."""
+    for name in backbones:
+        spec = get_backbone(name)
+        stem = config.layer_stem(spec.name, layer)
+        source = export_source(spec, weights, weights_dir)
+        if source.files is None or litert.recorded_export(spec, stem, source) is not None:
+            continue
+        model = build_model(spec, weights, weights_dir, "float32", layer)
+        try:
+            litert.export(model, spec, stem, _say, source)
+        except litert.RuntimeChoiceError as error:  # its own extraction says it again
+            _say(f"{name}: {error}")
 
 
 def _say(line: str) -> None:
@@ -408,16 +443,13 @@ def _open_partial(partial: Path, wanted: dict[str, object], runtime: str) -> Pat
 def _versions() -> dict[str, str]:
     """What computed the file: Keras, its backend and the backend's version (provenance only:
     features agree across backends, so a file made by one serves them all)."""
-    import importlib
-
-    import keras
-
-    backend = keras.backend.backend()
-    module = importlib.import_module(backend)
+    backend = litert.configured_backend()
+    module = sys.modules.get(backend)  # not started by a LiteRT extraction: its installed version
+    version = module.__version__ if module else litert.distribution_version(backend)
     return {
-        "keras_version": keras.__version__,
+        "keras_version": litert.distribution_version("keras"),
         "keras_backend": backend,
-        f"{backend}_version": str(module.__version__),  # torch's is a str subclass h5py refuses
+        f"{backend}_version": str(version),  # torch's is a str subclass h5py refuses
     }
 
 

@@ -10,14 +10,18 @@ TensorFlow beside another backend costs seconds and memory for every run.
 
 An export is kept only when its outputs on a fixed batch equal Keras's within MATCH_TOLERANCE
 (store.atomic_save's check): a cache file that exists has matched, which is why features
-from either runtime share one file name. README ('Runtimes') has the measured speeds.
+from either runtime share one file name. A record beside it (what built it, its digest) lets
+the next extraction open it without starting Keras or TensorFlow. README ('Runtimes') has the
+measured speeds.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,13 +81,15 @@ def forward(
     workers: int | None = None,
     name: str = "",
     log=print,
+    source: Source | None = None,
 ):
     """The forward pass `runtime` asks for: a LiteForward, or forward.make_forward's step.
     `name` (default the backbone's) names the export; under `auto`, a network that does not
-    export or match falls back to Keras with one line."""
+    export or match falls back to Keras with one line. `source`: what the network is built
+    from, recorded beside the export (`recorded_forward` finds it next time without Keras)."""
     if wanted(runtime, where, precision):
         try:
-            path = export(model, spec, name or config.backbone_stem(spec.name), log)
+            path = export(model, spec, name or config.backbone_stem(spec.name), log, source)
             return LiteForward(path, spec, batch_size, flip, threads(workers))
         except RuntimeChoiceError as error:
             if runtime == "litert":
@@ -114,16 +120,20 @@ def export_path(model, spec: BackboneSpec, name: str) -> Path:
         spec.preprocess,
         _weights_digest(model),
         keras.__version__,
-        _litert_version(),
+        distribution_version("ai-edge-litert"),
     )
-    safe = re.sub(r"[^A-Za-z0-9_.@-]+", "_", name)
-    return cache_dir() / f"{safe}-{spec.input_size}-{key[:16]}.tflite"
+    return cache_dir() / f"{_safe(name)}-{spec.input_size}-{key[:16]}.tflite"
 
 
-def export(model, spec: BackboneSpec, name: str, log=print) -> Path:
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.@-]+", "_", name)
+
+
+def export(model, spec: BackboneSpec, name: str, log=print, source: Source | None = None) -> Path:
     """The checked export of `model` (with spec's preprocessing) from the cache, made first if
     need be. A cache file that no longer loads or matches is set aside and rebuilt. Raises
-    RuntimeChoiceError when the export fails or its outputs differ from Keras's."""
+    RuntimeChoiceError when the export fails or its outputs differ from Keras's. With
+    `source`, the checked file is recorded under what it was built from (`record`)."""
     path = export_path(model, spec, name)
     network = _with_preprocess(model, spec)
     batch = check_batch(spec.input_size)
@@ -135,7 +145,7 @@ def export(model, spec: BackboneSpec, name: str, log=print) -> Path:
             # may still load, and only its outputs tell.
             try:
                 _check(path, network, batch)
-                return path
+                return record(path, spec, name, source)
             except (ValueError, RuntimeError) as error:
                 aside = store.set_aside(path)
                 why = messages.first_line(error)
@@ -150,7 +160,7 @@ def export(model, spec: BackboneSpec, name: str, log=print) -> Path:
         except Exception as error:  # the converter raises many kinds; each is one line here
             why = f"{type(error).__name__}: {messages.first_line(error)}"
             raise RuntimeChoiceError(f"{name} did not export to LiteRT ({why}).") from None
-        return path
+        return record(path, spec, name, source)
 
 
 def check_batch(size: int) -> np.ndarray:
@@ -212,11 +222,146 @@ def _weights_digest(model) -> str:
     return store.digest(*values)
 
 
-def _litert_version() -> str:
+# ----------------------------------------------------------------------------------------------
+# Found again without Keras: a record of what each export was built from
+#
+# Starting TensorFlow and Keras, building the network and re-checking its export take 5-7 s of
+# each extraction (README, 'Runtimes'). A checked export is therefore recorded under a key of
+# what builds it (the spec, the weights setting and the stat of each weights file, the backbone
+# code, the versions), with its own digest: the next extraction of that network opens the file
+# from the record alone, and anything changed since (a weights file, the export's bytes, the
+# code) sends it back through Keras, which checks and records again.
+
+RECORD_FORMAT = 1
+# Where a GPU would show on Linux: NVIDIA's driver, WSL's GPU bridge, AMD's ROCm. With any of
+# them (or off Linux), `auto` asks the backend instead, as `wanted` does.
+GPU_DEVICE_NODES = ("/dev/nvidia0", "/dev/dxg", "/dev/kfd")
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a network is built from: its weights setting and the files they are read from
+    (backbones.weights_files; None where they are not known before building, never recorded)."""
+
+    weights: str
+    weights_dir: str | None
+    files: tuple[Path, ...] | None
+
+
+def record(path: Path, spec: BackboneSpec, name: str, source: Source | None) -> Path:
+    """Record the checked export `path` under `source` (when its files are known); returns
+    `path`. Called under the cache's writer lock."""
+    if source is not None and source.files is not None:
+        entry = {"export": path.name, "digest": config.file_digest(path)}
+        store.write_json(_record_path(spec, name, source), {**entry, "files": _stats(source)})
+    return path
+
+
+def recorded_export(spec: BackboneSpec, name: str, source: Source) -> Path | None:
+    """The export recorded under `source`, when its bytes and every weights file are as they
+    were when it was checked against Keras; else None."""
+    if source.files is None:
+        return None
+    entry = store.read_json(_record_path(spec, name, source)) or {}
+    path = cache_dir() / str(entry.get("export"))
+    if entry.get("files") != _stats(source) or not path.is_file():
+        return None
+    return path if config.file_digest(path) == entry.get("digest") else None
+
+
+def recorded_forward(
+    spec: BackboneSpec,
+    name: str,
+    source: Source,
+    batch_size: int,
+    flip: bool,
+    runtime: str,
+    precision: str,
+    devices: str,
+    workers: int | None = None,
+) -> LiteForward | None:
+    """The LiteForward of a recorded export, opened without starting Keras or TensorFlow, where
+    `runtime` surely asks for LiteRT (`wanted_without_keras`); else None (build and export)."""
+    if not wanted_without_keras(runtime, precision, devices):
+        return None
+    path = recorded_export(spec, name, source)
+    return LiteForward(path, spec, batch_size, flip, threads(workers)) if path else None
+
+
+def wanted_without_keras(runtime: str, precision: str, devices: str) -> bool:
+    """`wanted`'s yes where it is certain without starting the backend: float32 under
+    TensorFlow, and RUNTIME=litert, DEVICES=cpu, or DEVICES=auto on a Linux machine with no
+    GPU device node. Anything else (a GPU may be there) is left to `wanted`."""
+    if runtime not in ("auto", "litert") or precision != "float32":
+        return False
+    if configured_backend() != "tensorflow":
+        return False
+    chosen = config.parse_devices(devices)
+    if runtime == "litert" or chosen == "cpu":
+        return True
+    return chosen == "auto" and not may_have_gpu()
+
+
+def may_have_gpu() -> bool:
+    return sys.platform != "linux" or any(os.path.exists(node) for node in GPU_DEVICE_NODES)
+
+
+def configured_backend() -> str:
+    """The backend Keras starts with, read as Keras reads it (KERAS_BACKEND, else keras.json in
+    its home, else tensorflow) without starting it."""
+    if "keras" in sys.modules:
+        return sys.modules["keras"].backend.backend()
+    chosen = os.environ.get("KERAS_BACKEND")
+    if chosen:
+        return chosen
+    settings = store.read_json(keras_home() / "keras.json") or {}
+    return str(settings.get("backend", "tensorflow"))
+
+
+def _record_path(spec: BackboneSpec, name: str, source: Source) -> Path:
+    key = store.digest(
+        EXPORT_FORMAT,
+        RECORD_FORMAT,
+        name,
+        repr(spec),
+        source.weights,
+        source.weights_dir or "",
+        _code_digest(spec),
+        *(distribution_version(d) for d in ("keras", "tensorflow", "ai-edge-litert")),
+    )
+    return cache_dir() / f"{_safe(name)}-{spec.input_size}-{key[:16]}.record.json"
+
+
+def _stats(source: Source) -> list[list]:
+    """(path, size, mtime) of each weights file; a missing file is recorded as such."""
+    stats = []
+    for file in source.files or ():
+        try:
+            found = Path(file).stat()
+            stats.append([str(file), found.st_size, found.st_mtime_ns])
+        except OSError:
+            stats.append([str(file), None, None])
+    return stats
+
+
+def _code_digest(spec: BackboneSpec) -> str:
+    """The source of the backbone package and of the module holding spec's builder: a change
+    to how a network is built makes its records stale."""
+    files = sorted(Path(__file__).parent.joinpath("backbones").glob("*.py"))
+    try:
+        found = importlib.util.find_spec(spec.builder.split(":")[0])
+    except (ImportError, ValueError):  # a builder that cannot be found fails in the build
+        found = None
+    if found is not None and found.origin:
+        files.append(Path(found.origin))
+    return store.digest(*(file.read_bytes() for file in files))
+
+
+def distribution_version(name: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return version("ai-edge-litert")
+        return version(name)
     except PackageNotFoundError:
         return "absent"
 

@@ -322,7 +322,8 @@ def plan(v: Variables) -> list[str]:
     rules = {feature_file(name, v.layer): (name, v.layer) for name in names}
     rules.setdefault(feature_file(v.backbone), (v.backbone, ""))  # fine-tuning's head reads it
     for path, (name, layer) in rules.items():
-        lines += _feature_rule(path, name, arrays(name), layer)
+        ahead = [other for other in names if other != name] if name in names else []
+        lines += _feature_rule(path, name, arrays(name), layer, ahead)
     return lines
 
 
@@ -379,8 +380,11 @@ def _flag(keyword: str, value: str) -> str:
     return "--" + keyword.replace("_", "-") + " " + value
 
 
-def _feature_rule(path: str, backbone: str, arrays: str, layer: str) -> list[str]:
-    """A feature file's prerequisite (its arrays) and what its recipe needs to know."""
+def _feature_rule(
+    path: str, backbone: str, arrays: str, layer: str, ahead: list[str]
+) -> list[str]:
+    """A feature file's prerequisite (its arrays) and what its recipe needs to know; `ahead`:
+    the run's other backbones, exported for LiteRT by whichever extraction starts Keras."""
     tta = "flip" if path.endswith(".flip.h5") else "none"
     return [
         f"{path}: {arrays}/manifest.json",
@@ -388,6 +392,7 @@ def _feature_rule(path: str, backbone: str, arrays: str, layer: str) -> list[str
         f"{path}: EXTRACT_TTA := {tta}",
         f"{path}: EXTRACT_ARRAYS := {arrays}",
         f"{path}: EXTRACT_LAYER := {layer}",
+        f"{path}: EXTRACT_AHEAD := {' '.join(ahead)}",
     ]
 
 

