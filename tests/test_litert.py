@@ -228,3 +228,19 @@ def test_the_backend_is_read_as_keras_reads_it(monkeypatch, tmp_path):
     assert litert.configured_backend() == "jax"
     monkeypatch.setenv("KERAS_BACKEND", "torch")
     assert litert.configured_backend() == "torch"
+
+
+def test_a_backbone_that_fails_to_export_ahead_is_one_line_not_a_failure(monkeypatch):
+    """Exporting the run's other backbones is a favour to their own extractions: a failure
+    there (weights not to be had, a network that does not build) is one line, and the
+    extraction that tried goes on."""
+    name = register_tiny_backbone(16)
+
+    def broken(*args, **kwargs):
+        raise OSError("no such weights file\nmore detail")
+
+    monkeypatch.setattr(features, "build_model", broken)
+    lines: list[str] = []
+    monkeypatch.setattr(features, "_say", lines.append)
+    features.export_ahead([name], "random", None, None)
+    assert lines == [f"{name} was not exported ahead (no such weights file)"]

@@ -386,16 +386,18 @@ def export_ahead(
     """Export for LiteRT the other backbones of a run while Keras is started here, so that
     their own extractions open the records without starting it (make passes them)."""
     for name in backbones:
-        spec = get_backbone(name)
-        stem = config.layer_stem(spec.name, layer)
-        source = export_source(spec, weights, weights_dir)
-        if source.files is None or litert.recorded_export(spec, stem, source) is not None:
-            continue
-        model = build_model(spec, weights, weights_dir, "float32", layer)
         try:
-            litert.export(model, spec, stem, _say, source)
-        except litert.RuntimeChoiceError as error:  # its own extraction says it again
-            _say(f"{name}: {error}")
+            _export_if_unrecorded(get_backbone(name), weights, weights_dir, layer)
+        except Exception as error:  # not this extraction's failure: its own says it again
+            _say(f"{name} was not exported ahead ({messages.first_line(error)})")
+
+
+def _export_if_unrecorded(spec, weights: str, weights_dir: str | None, layer: str | None):
+    stem = config.layer_stem(spec.name, layer)
+    source = export_source(spec, weights, weights_dir)
+    if source.files is not None and litert.recorded_export(spec, stem, source) is None:
+        model = build_model(spec, weights, weights_dir, "float32", layer)
+        litert.export(model, spec, stem, _say, source)
 
 
 def _say(line: str) -> None:

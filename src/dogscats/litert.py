@@ -296,7 +296,10 @@ def wanted_without_keras(runtime: str, precision: str, devices: str) -> bool:
         return False
     if configured_backend() != "tensorflow":
         return False
-    chosen = config.parse_devices(devices)
+    try:
+        chosen = config.parse_devices(devices)
+    except ValueError:  # forward.place names the mistake
+        return False
     if runtime == "litert" or chosen == "cpu":
         return True
     return chosen == "auto" and not may_have_gpu()
