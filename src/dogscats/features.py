@@ -392,7 +392,9 @@ def export_ahead(
             _say(f"{name} was not exported ahead ({messages.first_line(error)})")
 
 
-def _export_if_unrecorded(spec, weights: str, weights_dir: str | None, layer: str | None):
+def _export_if_unrecorded(
+    spec: BackboneSpec, weights: str, weights_dir: str | None, layer: str | None
+) -> None:
     stem = config.layer_stem(spec.name, layer)
     source = export_source(spec, weights, weights_dir)
     if source.files is not None and litert.recorded_export(spec, stem, source) is None:
