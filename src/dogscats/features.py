@@ -361,12 +361,15 @@ def build_forward(
     for this network is opened without starting Keras (litert.recorded_forward)."""
     flip = tta == "flip"
     name = config.layer_stem(spec.name, layer)
-    source = export_source(spec, weights, weights_dir)
-    recorded = litert.recorded_forward(
-        spec, name, source, batch_size, flip, runtime, precision, devices, workers
-    )
-    if recorded is not None:
-        return recorded
+    # Only LiteRT records: RUNTIME=keras skips naming the weights files (a keras.applications
+    # file is hash-checked again each time it is named).
+    source = export_source(spec, weights, weights_dir) if runtime != "keras" else None
+    if source is not None:
+        recorded = litert.recorded_forward(
+            spec, name, source, batch_size, flip, runtime, precision, devices, workers
+        )
+        if recorded is not None:
+            return recorded
     where = place(devices)
     with where.scope():
         model = build_model(spec, weights, weights_dir, precision, layer)
