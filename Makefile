@@ -34,6 +34,9 @@ FT_PATIENCE ?=
 FT_DROPOUT ?=
 # make best: the backbones it fine-tunes (BLOCKS top blocks each), beside the frozen run of BACKBONES
 FT_BACKBONES ?= offline
+# make best: a second frozen run, of these backbones (empty: none); offline_large = the Lite
+# models at about 1.75x their native size
+BEST_FROZEN ?= offline_large
 RUN ?=
 K ?= 48
 NORM ?= ssr_l2
@@ -71,6 +74,7 @@ PLAN_ARGS := --data-dir $(call quote,$(DATA_DIR)) --backbones $(call quote,$(BAC
 	--no-wait $(call quote,$(NO_WAIT)) --runtime $(call quote,$(RUNTIME)) \
 	--weights-dir $(call quote,$(WEIGHTS_DIR)) --submission $(call quote,$(SUBMISSION)) \
 	--labels $(call quote,$(LABELS)) --ft-backbones $(call quote,$(FT_BACKBONES)) \
+	--best-frozen $(call quote,$(BEST_FROZEN)) \
 	$(if $(filter finetune,$(HEAD) $(MAKECMDGOALS)),--finetune) $(if $(filter best print-BEST_%,$(MAKECMDGOALS)),--best)
 # (--best for print-BEST_* too: scripts/levers.py asks make what make best names.)
 # The venv's Python once it exists: a named KerasHub preset (BACKBONES=hub:...) is sized by
@@ -129,8 +133,9 @@ blend: $(BLEND_SUBMISSION) | check-plan ## blend RUNS (default: every finished r
 # interrupted `make best` resumes where it stopped (a fine-tuning run by fold and epoch).
 # Command-line variables reach every step; the steps' own override BACKBONE, HEAD and RUNS.
 STEP := $(MAKE) --no-print-directory
-best: | check-plan ## the strongest submission: the frozen run, each of FT_BACKBONES fine-tuned, their blend
+best: | check-plan ## the strongest submission: the frozen runs, each of FT_BACKBONES fine-tuned, their blend
 	@$(STEP) train
+	@$(if $(BEST_FROZEN_BACKBONES),$(STEP) train BACKBONES='$(BEST_FROZEN_BACKBONES)',:)
 	@$(foreach name,$(BEST_FT_BACKBONES),$(STEP) finetune HEAD=finetune BACKBONE=$(name) &&) :
 	@$(STEP) blend RUNS='$(BEST_RUNS)'
 	@$(CLI) summary --run-dir $(BEST_BLEND_DIR) --submission $(BEST_SUBMISSION) --clip $(CLIP)

