@@ -32,6 +32,7 @@ FT_LR ?=
 FT_BATCH ?=
 FT_PATIENCE ?=
 FT_DROPOUT ?=
+FT_STOP ?=
 # make best: the backbones it fine-tunes (BLOCKS top blocks each), beside the frozen run of BACKBONES
 FT_BACKBONES ?= offline
 # make best: a second frozen run, of these backbones (empty: none); offline_large = the Lite
@@ -68,7 +69,7 @@ PLAN_ARGS := --data-dir $(call quote,$(DATA_DIR)) --backbones $(call quote,$(BAC
 	--augment $(call quote,$(AUGMENT)) --ft-head $(call quote,$(FT_HEAD)) --layer $(call quote,$(LAYER)) \
 	--ft-epochs $(call quote,$(FT_EPOCHS)) --ft-learning-rate $(call quote,$(FT_LR)) \
 	--ft-batch-size $(call quote,$(FT_BATCH)) --ft-patience $(call quote,$(FT_PATIENCE)) \
-	--ft-dropout $(call quote,$(FT_DROPOUT)) --norm $(call quote,$(NORM)) \
+	--ft-dropout $(call quote,$(FT_DROPOUT)) --ft-stop-fraction $(call quote,$(FT_STOP)) --norm $(call quote,$(NORM)) \
 	--exclude $(call quote,$(EXCLUDE)) --runs $(call quote,$(RUNS)) \
 	--batch-size $(call quote,$(BATCH_SIZE)) --workers $(call quote,$(WORKERS)) \
 	--no-wait $(call quote,$(NO_WAIT)) --runtime $(call quote,$(RUNTIME)) \

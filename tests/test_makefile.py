@@ -91,6 +91,8 @@ def test_finetune_hyperparameters_name_the_run_and_reach_the_cli(monkeypatch):
     args = ("HEAD=finetune", "BACKBONE=efficientnet_lite0", "FT_LR=1e-4", "FT_PATIENCE=2")
     run = make_var("FT_RUN_DIR", *args).rsplit("/", 1)[1]
     assert run == "efficientnet_lite0__finetune1__augflip__lr1e-4__pat2"
+    run = make_var("FT_RUN_DIR", *args, "FT_STOP=0.3").rsplit("/", 1)[1]
+    assert run == "efficientnet_lite0__finetune1__augflip__lr1e-4__pat2__stop0.3"
     assert make_var("RUN_DIR", "HEAD=finetune").endswith("/efficientnet_lite0__finetune1__augflip")
     command = make("-n", "finetune", *args, "SEED=7").stdout
     assert "--learning-rate 1e-4 --patience 2" in command and "--seed 7" in command
@@ -100,9 +102,11 @@ def test_finetune_hyperparameters_name_the_run_and_reach_the_cli(monkeypatch):
     calls = []
     monkeypatch.setattr(finetune, "finetune", lambda *a, **kw: calls.append(kw))
     argv = ["finetune", "--backbone", "efficientnet_lite0", "--head-run", "h", "--out", "o"]
-    assert cli.main([*argv, "--learning-rate", "1e-4", "--dropout", "0.3", "--seed", "7"]) == 0
+    given = ["--learning-rate", "1e-4", "--dropout", "0.3", "--stop-fraction", "0.3"]
+    assert cli.main([*argv, *given, "--seed", "7"]) == 0
     (kwargs,) = calls
     assert kwargs["learning_rate"] == 1e-4 and kwargs["dropout"] == 0.3 and kwargs["seed"] == 7
+    assert kwargs["stop_fraction"] == 0.3
     assert not {"epochs", "batch_size", "patience"} & kwargs.keys()  # the stage's defaults
 
 

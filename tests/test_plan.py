@@ -74,6 +74,8 @@ def test_finetune_adds_its_backbone_and_names_its_flags():
         ({"hyperparameters": {"learning_rate": "fast"}}, "FT_LR (peak Adam learning rate)"),
         ({"hyperparameters": {"dropout": "1.5"}}, "FT_DROPOUT (dropout before the dense head)"),
         ({"hyperparameters": {"epochs": "2.5"}}, "FT_EPOCHS (most epochs per fold) must be a"),
+        ({"hyperparameters": {"stop_fraction": "1"}}, "must be a number in (0, 1). Received: '1'"),
+        ({"hyperparameters": {"stop_fraction": "0"}}, "FT_STOP (share of each fold's training"),
         ({"backbones": "nope"}, "Unknown backbone 'nope'"),
         ({"exclude": "no/such/list.txt"}, "EXCLUDE=no/such/list.txt: no such file"),
     ],

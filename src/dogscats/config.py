@@ -291,6 +291,12 @@ FINETUNE_HYPERPARAMETERS = (
     ("batch_size", "bs", int, "images per step"),
     ("patience", "pat", int, "epochs without a better validation loss before a fold stops"),
     ("dropout", "drop", float, "dropout before the dense head"),
+    (
+        "stop_fraction",
+        "stop",
+        float,
+        "share of each fold's training rows that decides early stopping and fine-tuned or head",
+    ),
 )
 FINETUNE_NAME_PARTS = tuple((keyword, part) for keyword, part, *_ in FINETUNE_HYPERPARAMETERS)
 

@@ -208,11 +208,17 @@ _FT_MAKE_NAMES = {  # the Makefile's short names of the fine-tuning hyperparamet
     "batch_size": "FT_BATCH",
     "patience": "FT_PATIENCE",
     "dropout": "FT_DROPOUT",
+    "stop_fraction": "FT_STOP",
+}
+# What each FT_* value must be, and how the error says it; every other one must be > 0.
+_FT_BOUNDS: dict[str, tuple[Callable[[float], bool], str]] = {
+    "dropout": (lambda x: 0 <= x < 1, "in [0, 1)"),
+    "stop_fraction": (lambda x: 0 < x < 1, "in (0, 1)"),  # both sides need rows
 }
 
 
 def _check_hyperparameters(given: dict[str, str]) -> None:
-    """FT_* values: each must parse as its kind and be positive (dropout in [0, 1))."""
+    """FT_* values: each must parse as its kind and be positive (the shares below 1)."""
     for keyword, _, kind, what in config.FINETUNE_HYPERPARAMETERS:
         value = given.get(keyword) or ""
         if not value:
@@ -222,10 +228,9 @@ def _check_hyperparameters(given: dict[str, str]) -> None:
             number = kind(value)
         except ValueError:
             number = math.nan
-        ok = 0 <= number < 1 if keyword == "dropout" else number > 0
-        if not ok:
+        within, bound = _FT_BOUNDS.get(keyword, (lambda x: x > 0, "> 0"))
+        if not within(number):
             kind_text = "a whole number" if kind is int else "a number"
-            bound = "in [0, 1)" if keyword == "dropout" else "> 0"
             raise ValueError(
                 f"{make_name} ({what}) must be {kind_text} {bound}. Received: {value!r}"
             )
