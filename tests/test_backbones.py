@@ -39,11 +39,11 @@ def test_each_lite_variant_comes_at_its_native_size_and_two_larger_ones():
     """The native-size entries stay by name; offline names the 1.27x ones, offline_large the
     1.75x ones, all with the same weights."""
     sizes = ((0, 224, 288, 392), (1, 240, 304, 420), (2, 260, 330, 456))
-    for variant, _native, large, larger in sizes:
+    for variant, native, large, larger in sizes:
         plain = backbones.get_backbone(f"efficientnet_lite{variant}")
         bigger = backbones.get_backbone(f"efficientnet_lite{variant}_{large}")
         biggest = backbones.get_backbone(f"efficientnet_lite{variant}_{larger}")
-        assert (plain.input_size, bigger.input_size, biggest.input_size) == sizes[variant][1:]
+        assert (plain.input_size, bigger.input_size, biggest.input_size) == (native, large, larger)
         for spec in (bigger, biggest):
             assert (plain.builder, plain.weights_source) == (spec.builder, spec.weights_source)
         assert (plain.offline_set, bigger.offline_set, biggest.offline_set) == (

@@ -305,7 +305,7 @@ def _finetune_args(p):
     p.add_argument("--augment", default="flip", choices=["flip", "full"])
     p.add_argument("--seed", type=int, default=config.SEED)
     p.add_argument("--out", required=True, help="run folder to write")
-    for keyword, _, kind, what in config.FINETUNE_HYPERPARAMETERS:
+    for keyword, _, kind, what, _ in config.FINETUNE_HYPERPARAMETERS:
         flag = "--" + keyword.replace("_", "-")
         p.add_argument(flag, type=kind, default=None, help=f"{what} (default in finetune/hparams)")
     _no_wait(p)

@@ -283,19 +283,26 @@ def random_weights_run(run: str | os.PathLike) -> bool:
 
 
 # The fine-tuning hyperparameters a user may set (make's FT_*, the CLI's flags): keyword, the
-# part of the run name it adds when set, its type, what it is. Unset ones keep the stage's
-# defaults (finetune/hparams.py).
+# part of the run name it adds when set, its type, what it is, its make variable. Unset ones keep
+# the stage's defaults (finetune/hparams.py).
 FINETUNE_HYPERPARAMETERS = (
-    ("epochs", "ep", int, "most epochs per fold"),
-    ("learning_rate", "lr", float, "peak Adam learning rate"),
-    ("batch_size", "bs", int, "images per step"),
-    ("patience", "pat", int, "epochs without a better validation loss before a fold stops"),
-    ("dropout", "drop", float, "dropout before the dense head"),
+    ("epochs", "ep", int, "most epochs per fold", "FT_EPOCHS"),
+    ("learning_rate", "lr", float, "peak Adam learning rate", "FT_LR"),
+    ("batch_size", "bs", int, "images per step", "FT_BATCH"),
+    (
+        "patience",
+        "pat",
+        int,
+        "epochs without a better validation loss before a fold stops",
+        "FT_PATIENCE",
+    ),
+    ("dropout", "drop", float, "dropout before the dense head", "FT_DROPOUT"),
     (
         "stop_fraction",
         "stop",
         float,
         "share of each fold's training rows that decides early stopping and fine-tuned or head",
+        "FT_STOP",
     ),
 )
 FINETUNE_NAME_PARTS = tuple((keyword, part) for keyword, part, *_ in FINETUNE_HYPERPARAMETERS)

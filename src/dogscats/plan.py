@@ -202,14 +202,6 @@ def _check_weights(weights: str) -> None:
         )
 
 
-_FT_MAKE_NAMES = {  # the Makefile's short names of the fine-tuning hyperparameters
-    "epochs": "FT_EPOCHS",
-    "learning_rate": "FT_LR",
-    "batch_size": "FT_BATCH",
-    "patience": "FT_PATIENCE",
-    "dropout": "FT_DROPOUT",
-    "stop_fraction": "FT_STOP",
-}
 # What each FT_* value must be, and how the error says it; every other one must be > 0.
 _FT_BOUNDS: dict[str, tuple[Callable[[float], bool], str]] = {
     "dropout": (lambda x: 0 <= x < 1, "in [0, 1)"),
@@ -219,11 +211,10 @@ _FT_BOUNDS: dict[str, tuple[Callable[[float], bool], str]] = {
 
 def _check_hyperparameters(given: dict[str, str]) -> None:
     """FT_* values: each must parse as its kind and be positive (the shares below 1)."""
-    for keyword, _, kind, what in config.FINETUNE_HYPERPARAMETERS:
+    for keyword, _, kind, what, make_name in config.FINETUNE_HYPERPARAMETERS:
         value = given.get(keyword) or ""
         if not value:
             continue
-        make_name = _FT_MAKE_NAMES[keyword]
         try:
             number = kind(value)
         except ValueError:
