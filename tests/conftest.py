@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,15 @@ os.environ["RUNTIME"] = "keras"
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+
+
+def as_a_terminal_starts_it() -> None:
+    """preexec_fn for a child that a test stops with Ctrl-C or a hangup: the signals' default
+    actions, as a terminal's foreground job has them. A suite started in the background of a
+    shell without job control (`cmd &` in a script) inherits SIGINT ignored, and so would make and
+    the CLI it starts."""
+    for signum in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
 
 
 def pytest_configure(config) -> None:

@@ -12,7 +12,7 @@ import time
 
 import pandas as pd
 import pytest
-from conftest import REPO, write_kaggle_dataset
+from conftest import REPO, as_a_terminal_starts_it, write_kaggle_dataset
 from test_makefile import error_lines, make, make_fails, make_var
 
 from dogscats import backbones, blend, config, plan, runs
@@ -46,7 +46,11 @@ def twin_datasets(tmp_path):
 def stop_when(command: list[str], ready, timeout: float = 300) -> int:
     """Run `command` in its own process group and Ctrl-C the group once `ready()` holds."""
     process = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        preexec_fn=as_a_terminal_starts_it,
     )
     deadline = time.monotonic() + timeout
     while process.poll() is None and not ready() and time.monotonic() < deadline:

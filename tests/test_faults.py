@@ -204,7 +204,7 @@ def _stopped_preprocess(data_dir, out, signum: int, whole_group: bool):
     import sys
     import time
 
-    from conftest import REPO
+    from conftest import REPO, as_a_terminal_starts_it
 
     command = [sys.executable, "-c", SLOW_PREPROCESS, "preprocess", "--data-dir", str(data_dir)]
     command += ["--size", str(SIZE), "--out", str(out), "--workers", "2"]
@@ -216,6 +216,7 @@ def _stopped_preprocess(data_dir, out, signum: int, whole_group: bool):
         text=True,
         env=env,
         start_new_session=True,
+        preexec_fn=as_a_terminal_starts_it,
     )
     deadline = time.monotonic() + 60
     while not (out / "test.partial.state.npz").exists() and time.monotonic() < deadline:
