@@ -361,6 +361,76 @@ def test_full_augmentation_starts_from_the_head_through_the_whole_network(finish
     assert len(pd.read_csv(out / "oof.csv")) == 16
 
 
+@pytest.mark.backend
+def test_a_cut_above_a_cached_one_is_derived_from_the_nearest_without_the_bottom(
+    tiny, tmp_path, monkeypatch
+):
+    """With BLOCKS=3 and BLOCKS=2 cached, BLOCKS=1's cache comes from BLOCKS=2's (the nearest):
+    one block runs over its maps, plain and mirrored, and the bottom never sees an image.
+    The maps equal those cached from the images."""
+    spec = get_backbone(BACKBONE)
+    net = build_backbone(BACKBONE, weights=tiny["weights"], input_size=SIZE, pooling=None)
+    fingerprint = arrays.read_manifest(tiny["arrays_dir"])["fingerprint"]
+    settings = {"weights": "w", "input_size": SIZE, "fingerprint": fingerprint}
+    settings["cache_dtype"] = "float32"
+
+    def job(root, blocks: int, log) -> stage.Job:
+        return stage.Job(
+            spec=spec,
+            blocks=blocks,
+            augment="flip",
+            weights="w",
+            weights_dir=None,
+            arrays_dir=tiny["arrays_dir"],
+            cache_root=root,
+            hp=finetune.Hyperparameters(batch_size=4),
+            settings={**settings, "cut": spec.blocks[-blocks - 1]},
+            progress=False,
+            log=log,
+        )
+
+    def cached(root, blocks: int, log=len) -> dict[str, np.ndarray]:
+        cut = model.cut_backbone(net, spec, blocks)
+        source, _ = stage._cached_source(job(root, blocks, log), cut)
+        return {"train": np.asarray(source.train), "test": np.asarray(source.test)}
+
+    shared, alone = tmp_path / "shared", tmp_path / "alone"
+    expected = cached(alone, 1)
+    for blocks in (3, 2):
+        cached(shared, blocks)
+    assert cache.lower_cache(shared, spec, 3, settings, tiny["arrays_dir"]) is None
+    nearest = cache.lower_cache(shared, spec, 1, settings, tiny["arrays_dir"])
+    assert nearest is not None and nearest.cut == spec.blocks[-3]  # BLOCKS=2's cut
+
+    def no_bottom(*args, **kwargs):
+        raise AssertionError("the bottom ran over the images")
+
+    monkeypatch.setattr(cache.litert, "forward", no_bottom)
+    lines: list[str] = []
+    derived = cached(shared, 1, lines.append)
+    assert sum("Deriving" in line and nearest.folder.name in line for line in lines) == 2
+    for split in ("train", "test"):
+        assert derived[split].shape == expected[split].shape
+        assert np.abs(expected[split]).max() > 0.05
+        np.testing.assert_allclose(derived[split], expected[split], rtol=1e-5, atol=1e-5)
+
+
+def test_a_cache_cut_short_below_is_not_derived_from(tiny, tmp_path):
+    """Only a whole lower cache serves: one missing a split, or with too few rows, does not."""
+    spec = get_backbone(BACKBONE)
+    settings = {"weights": "w", "input_size": SIZE, "cache_dtype": "float32"}
+    settings["fingerprint"] = arrays.read_manifest(tiny["arrays_dir"])["fingerprint"]
+    counts = arrays.read_manifest(tiny["arrays_dir"])["counts"]
+    folder = cache.cache_folder(tmp_path, BACKBONE, spec.blocks[-3], settings)
+    folder.mkdir(parents=True)
+    np.save(folder / "train.npy", np.zeros((counts["train"], 2, 2, 2, 1), "float32"))
+    assert cache.lower_cache(tmp_path, spec, 1, settings, tiny["arrays_dir"]) is None
+    np.save(folder / "test.npy", np.zeros((counts["test"] - 1, 2, 2, 2, 1), "float32"))
+    assert cache.lower_cache(tmp_path, spec, 1, settings, tiny["arrays_dir"]) is None
+    np.save(folder / "test.npy", np.zeros((counts["test"], 2, 2, 2, 1), "float32"))
+    assert cache.lower_cache(tmp_path, spec, 1, settings, tiny["arrays_dir"]).folder == folder
+
+
 def test_caches_of_an_earlier_version_of_the_arrays_are_removed(tmp_path):
     arrays_dir, root = tmp_path / "arrays", tmp_path / "cut_cache"
 

@@ -4,21 +4,27 @@ The frozen bottom runs once per image and once per mirrored image; each epoch th
 image's plain or mirrored map to the trainable top. One folder per backbone, cut, weights,
 input size, image arrays and dtype, holding {split}.npy of shape (N, 2 views, h, w, c).
 Each split is filled through features.run_forward under its partial name, and resumes.
+
+A cache at a lower cut (more blocks fine-tuned) serves every cut above it: the maps at the
+higher cut are derived from it by running only the frozen blocks between the two cuts over
+its maps, plain and mirrored, instead of the whole bottom over the images.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
+import keras
 import numpy as np
 
 from dogscats import arrays, litert, store
 from dogscats.backbones import BackboneSpec
 from dogscats.finetune.hparams import Log
-from dogscats.finetune.model import Cut
-from dogscats.forward import place, run_forward
+from dogscats.finetune.model import Cut, block_end
+from dogscats.forward import Forward, place, run_forward
 
 CACHE_FORMAT = 1  # bump when the cache layout changes
 CACHE_SOURCE = "source.json"  # in each cache folder: the arrays it was made from
@@ -38,6 +44,28 @@ def cache_folder(root: Path, backbone: str, cut: str, settings: dict) -> Path:
     return Path(root) / f"{backbone}__{cut}__{key[:12]}"
 
 
+@dataclass(frozen=True)
+class LowerCache:
+    """A complete cache at a cut below the one wanted, from which that one is derived."""
+
+    folder: Path
+    cut: str  # its registry name (BackboneSpec.blocks)
+
+
+def lower_cache(
+    root: Path, spec: BackboneSpec, blocks: int, settings: dict, arrays_dir: Path
+) -> LowerCache | None:
+    """The complete cache nearest below the cut of `blocks` (same backbone, weights, input
+    size, arrays and dtype), or None. The nearest: the fewest frozen blocks to run."""
+    counts = arrays.read_manifest(arrays_dir)["counts"]
+    for deeper in range(blocks + 1, len(spec.blocks)):
+        cut = spec.blocks[-deeper - 1]
+        folder = cache_folder(root, spec.name, cut, settings)
+        if all(_whole(folder / f"{split}.npy", counts[split]) for split in store.SPLITS):
+            return LowerCache(folder, cut)
+    return None
+
+
 def build_cache(
     folder: Path,
     cut: Cut,
@@ -49,10 +77,12 @@ def build_cache(
     log: Log,
     runtime: str = "keras",
     workers: int | None = None,
+    lower: LowerCache | None = None,
 ) -> dict[str, np.ndarray]:
     """Maps at the cut of every image, plain and mirrored: {split: (N, 2, h, w, c) memmap}.
     `runtime`: what runs the bottom (litert.forward; on LiteRT it is exported as its own
-    model, so the maps match Keras's within litert.MATCH_TOLERANCE)."""
+    model, so the maps match Keras's within litert.MATCH_TOLERANCE). `lower`: a cache below
+    this cut (lower_cache) that the maps are derived from, with Keras."""
     source = {
         "arrays": str(Path(arrays_dir).resolve()),
         "fingerprint": arrays.read_manifest(arrays_dir)["fingerprint"],
@@ -68,6 +98,14 @@ def build_cache(
         if path.is_file() and not _whole(path, rows):
             log(f"{path} is damaged (cut short or unreadable): set aside, rebuilding it")
             store.set_aside(path)
+        if not path.is_file() and lower is not None:
+            between = _Between(cut, spec, lower.cut)
+            lower_maps = np.load(lower.folder / f"{split}.npy", mmap_mode="r")
+            log(
+                f"Deriving {split} maps at {cut.layer} in {path} from the cache at "
+                f"{between.lower_layer} ({lower.folder.name}): only the blocks between run"
+            )
+            _fill_split(path, lower_maps, None, between, batch_size, dtype, progress)
         if not path.is_file():
             images, index = arrays.load_split(arrays_dir, split)
             check = arrays.row_check(arrays_dir, split, index)  # rows against their digests
@@ -89,6 +127,30 @@ def build_cache(
             _fill_split(path, images, check, forward, batch_size, dtype, progress)
         maps[split] = np.load(path, mmap_mode="r")
     return maps
+
+
+class _Between:
+    """The frozen layers between a lower cut and `cut`, over a batch of cached maps
+    (batch, 2 views, h, w, c): the forward that run_forward drives in place of the bottom.
+    Keras's predict_on_batch is enough here: these few blocks cost little next to the bottom
+    over the images, so the compiled loop of forward.Forward is not needed."""
+
+    def __init__(self, cut: Cut, spec: BackboneSpec, lower: str):
+        start = block_end(cut.bottom, lower)
+        self.lower_layer = start.name
+        self.model = keras.Model(start.output, cut.bottom.output, name=f"{spec.name}_between")
+        self.output_shape = tuple(self.model.output_shape[1:])
+
+    def put(self, batch: np.ndarray) -> np.ndarray:
+        return batch
+
+    def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
+        views = np.asarray(batch, np.float32).reshape(-1, *batch.shape[2:])
+        maps = self.model.predict_on_batch(views)
+        maps = np.asarray(maps).reshape(len(batch), batch.shape[1], *self.output_shape)
+        return [maps[:, 0], maps[:, 1]]
+
+    fetch = staticmethod(Forward.fetch)
 
 
 def _whole(path: Path, rows: int) -> bool:

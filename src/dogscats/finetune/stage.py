@@ -21,7 +21,7 @@ import pandas as pd
 
 from dogscats import arrays, config, runs, store, train
 from dogscats.backbones import BackboneSpec, build_backbone, get_backbone, resolve_keras_weights
-from dogscats.finetune.cache import build_cache, cache_folder
+from dogscats.finetune.cache import build_cache, cache_folder, lower_cache
 from dogscats.finetune.head_run import HeadRun, load_head_run
 from dogscats.finetune.hparams import (
     BATCH_SIZE,
@@ -245,6 +245,8 @@ def _cached_source(job: Job, cut) -> tuple[Source, dict]:
     began = time.monotonic()
     settings = job.settings
     folder = cache_folder(job.cache_root, job.spec.name, settings["cut"], settings)
+    # A cache of more blocks holds what this one needs: only the blocks between then run.
+    lower = lower_cache(job.cache_root, job.spec, job.blocks, settings, job.arrays_dir)
     maps = build_cache(
         folder,
         cut,
@@ -256,6 +258,7 @@ def _cached_source(job: Job, cut) -> tuple[Source, dict]:
         job.log,
         job.runtime,
         job.workers,
+        lower,
     )
     source = Source(maps["train"], maps["test"], cached=True)
     return source, {"cache": str(folder), "cache_wall_s": round(time.monotonic() - began, 1)}
