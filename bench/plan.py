@@ -15,6 +15,7 @@ STAGES = (
     "allocator",
     "finetune",
     "litert",
+    "cut_cache",
 )
 
 
@@ -54,6 +55,9 @@ class Plan:
     litert_weights: str = "imagenet"  # real weights: the match check means something with them
     litert_rounds: int = 4  # alternations of TensorFlow and LiteRT
     litert_calls: int = 4  # forward calls of each per round
+    cut_cache_backbone: str = "efficientnet_lite0_288"  # BLOCKS=1 from the images / from BLOCKS=2
+    cut_cache_weights: str = "imagenet"
+    cut_cache_runtime: str = "auto"  # as make finetune fills it on a CPU (LiteRT)
 
 
 QUICK = Plan(
@@ -79,6 +83,9 @@ QUICK = Plan(
     litert_weights="random",
     litert_rounds=1,
     litert_calls=1,
+    cut_cache_backbone="efficientnet_lite0",
+    cut_cache_weights="random",
+    cut_cache_runtime="keras",
 )
 
 

@@ -423,6 +423,28 @@ def _section_litert(r: dict) -> list[str]:
     ]
 
 
+def _section_cut_cache(r: dict) -> list[str]:
+    row = (
+        f"{r['backbone']} | {r['images']} | {r['from_images_s']:.1f} | {r['derived_s']:.1f} | "
+        f"{r['derived_s'] / r['from_images_s']:.2f} | {r['max_abs_diff']:.1e} "
+        f"(maps up to {r['max_abs_value']:.0f})"
+    )
+    return [
+        f"Fine-tuning's cut cache of `BLOCKS=1` (cut at {r['cut']}) of {r['backbone']} at "
+        f"{r['input_size']} px, {r['weights']} weights, batch {r['batch_size']}, every image and "
+        f"its mirror, in one process: built from the images (RUNTIME={r['runtime']}, as `make "
+        f"finetune` fills it), then derived from the cache of `BLOCKS=2` (cut at "
+        f"{r['lower_cut']}, made first in {r['lower_s']:.1f} s): only the block between the "
+        "two cuts runs, over the cached maps. Largest difference: between the two caches.",
+        "",
+        *_table(
+            "backbone | images | from the images s | derived s | derived / from the images | "
+            "largest difference",
+            [row],
+        ),
+    ]
+
+
 SECTIONS: list[tuple[str, str, Callable[[dict], list[str]]]] = [
     ("1. Preprocessing", "preprocess", _section_preprocess),
     ("2. Feature extraction", "features", _section_features),
@@ -433,6 +455,7 @@ SECTIONS: list[tuple[str, str, Callable[[dict], list[str]]]] = [
     ("7. TensorFlow's CPU allocator", "allocator", _section_allocator),
     ("8. Fine-tuning against the forward pass", "finetune", _section_finetune),
     ("9. LiteRT against TensorFlow's forward pass", "litert", _section_litert),
+    ("10. Fine-tuning's cut cache: derived from a lower cut", "cut_cache", _section_cut_cache),
 ]
 
 

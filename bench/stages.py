@@ -522,6 +522,33 @@ def measure_finetune(ctx: Context) -> dict:
     }
 
 
+def measure_cut_cache(ctx: Context) -> dict:
+    """Fine-tuning's cut cache (BLOCKS=1) from the images against derived from a BLOCKS=2
+    cache, on the whole sample at the backbone's size (tasks.task_cut_cache)."""
+    plan = ctx.plan
+    arrays_dir = _sample_arrays(ctx, _input_size(plan.cut_cache_backbone))
+    random = plan.cut_cache_weights == "random"
+    result = in_child(
+        "cut_cache",
+        env={"KERAS_HOME": str(ctx.work / "keras")} if random else None,
+        arrays_dir=str(arrays_dir),
+        backbone=plan.cut_cache_backbone,
+        weights=plan.cut_cache_weights,
+        batch_size=plan.batch_size,
+        runtime=plan.cut_cache_runtime,
+        work=str(ctx.work / "cut_cache"),
+    )
+    ratio = result["derived_s"] / result["from_images_s"]
+    print(f"  cut cache derived / from the images = {ratio:.2f}", flush=True)
+    return {
+        **result,
+        "backbone": plan.cut_cache_backbone,
+        "weights": plan.cut_cache_weights,
+        "runtime": plan.cut_cache_runtime,
+        "batch_size": plan.batch_size,
+    }
+
+
 MEASUREMENTS: dict[str, Callable[[Context], dict]] = {
     "preprocess": measure_preprocess,
     "features": measure_features,
@@ -531,4 +558,5 @@ MEASUREMENTS: dict[str, Callable[[Context], dict]] = {
     "allocator": measure_allocator,
     "finetune": measure_finetune,
     "litert": measure_litert,
+    "cut_cache": measure_cut_cache,
 }

@@ -14,6 +14,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from child import RESULT_MARK
 
@@ -618,6 +619,69 @@ def _fit_watch():
     return FitWatch()
 
 
+def task_cut_cache(
+    arrays_dir: str, backbone: str, weights: str, batch_size: int, runtime: str, work: str
+) -> dict:
+    """Fine-tuning's cut cache of BLOCKS=1, built twice as `make finetune` builds it: from the
+    images (the bottom over every image and its mirror), and derived from a BLOCKS=2 cache made
+    first (only the block between runs over its maps). Seconds of each, and the largest
+    difference between the two caches."""
+    import numpy as np
+
+    from dogscats import arrays
+    from dogscats.backbones import build_backbone, get_backbone
+    from dogscats.finetune import cache
+    from dogscats.finetune import model as tuning
+
+    spec = get_backbone(backbone)
+    manifest = arrays.read_manifest(arrays_dir)
+    size = int(arrays.load_split(arrays_dir, "train")[0].shape[1])
+    net = build_backbone(backbone, weights=weights, input_size=size, pooling=None)
+    settings = {"weights": weights, "input_size": size, "cache_dtype": "float32"}
+    settings["fingerprint"] = manifest["fingerprint"]
+    seconds, maps = {}, {}
+
+    def build(name: str, blocks: int, root: Path, lower=None) -> None:
+        cut = tuning.cut_backbone(net, spec, blocks)
+        folder = cache.cache_folder(root, backbone, spec.blocks[-blocks - 1], settings)
+        began = time.perf_counter()
+        built = cache.build_cache(
+            folder,
+            cut,
+            spec,
+            Path(arrays_dir),
+            batch_size,
+            "float32",
+            False,
+            len,
+            runtime,
+            lower=lower,
+        )
+        seconds[name] = time.perf_counter() - began
+        maps[name] = built
+
+    shared, alone = Path(work) / "shared", Path(work) / "alone"
+    build("lower", 2, shared)
+    build("images", 1, alone)
+    lower = cache.lower_cache(shared, spec, 1, settings, Path(arrays_dir))
+    build("derived", 1, shared, lower)
+    difference = max(
+        float(np.abs(np.asarray(maps["images"][s]) - np.asarray(maps["derived"][s])).max())
+        for s in ("train", "test")
+    )
+    return {
+        "images": sum(manifest["counts"].values()),
+        "input_size": size,
+        "lower_s": seconds["lower"],
+        "from_images_s": seconds["images"],
+        "derived_s": seconds["derived"],
+        "max_abs_diff": difference,
+        "max_abs_value": float(np.abs(np.asarray(maps["images"]["test"])).max()),
+        "lower_cut": lower.cut,
+        "cut": spec.blocks[-2],
+    }
+
+
 TASKS: dict[str, Callable[..., dict]] = {
     "preprocess": task_preprocess,
     "bare_decode": task_bare_decode,
@@ -629,6 +693,7 @@ TASKS: dict[str, Callable[..., dict]] = {
     "precision": task_precision,
     "finetune": task_finetune,
     "litert": task_litert,
+    "cut_cache": task_cut_cache,
 }
 
 

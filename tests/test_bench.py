@@ -100,6 +100,10 @@ def test_measured_figures_are_positive(quick_run):
     assert all(e["seconds"] > 0 and e["cpu_s"] > 0 for e in precision["extract"].values())
     lite = results["litert"]["backbones"]["efficientnet_lite0"]
     assert lite["speedup"] > 0 and lite["max_abs_diff"] <= 1e-4 and lite["input_size"] == 224
+    derived = results["cut_cache"]
+    assert derived["images"] == 8 * 2 + 6 and derived["lower_cut"] == "block13_out"
+    assert derived["from_images_s"] > 0 and derived["derived_s"] > 0
+    assert derived["max_abs_diff"] <= 1e-4
     numbers = list(positive_numbers({k: v for k, v in results.items() if k != "precision"}))
     assert numbers and all(n >= 0 for n in numbers)
 
