@@ -90,7 +90,7 @@ def build_cache(
     drop_stale_caches(folder.parent, source, log)
     folder.mkdir(parents=True, exist_ok=True)
     store.write_json(folder / CACHE_SOURCE, source)
-    forward = None
+    forward = between = None
     maps = {}
     for split in store.SPLITS:
         path = folder / f"{split}.npy"
@@ -99,7 +99,7 @@ def build_cache(
             log(f"{path} is damaged (cut short or unreadable): set aside, rebuilding it")
             store.set_aside(path)
         if not path.is_file() and lower is not None:
-            between = _Between(cut, spec, lower.cut)
+            between = between or _Between(cut, spec, lower.cut)
             lower_maps = np.load(lower.folder / f"{split}.npy", mmap_mode="r")
             log(
                 f"Deriving {split} maps at {cut.layer} in {path} from the cache at "
