@@ -42,6 +42,7 @@ def pytest_configure(config) -> None:
     )
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the marks into groups
 def pytest_collection_modifyitems(config, items) -> None:
     """Under pytest-xdist (`make test`: --dist loadgroup), a test that uses a module- or
     session-scoped fixture runs on the worker of its module's other such tests, so that each
