@@ -8,7 +8,7 @@ import sys
 
 from conftest import REPO
 
-MODULE = '''
+MODULE = """
 import os
 import pytest
 
@@ -24,15 +24,16 @@ def test_uses_the_module_fixture(built, n):
 @pytest.mark.parametrize("n", range(8))
 def test_alone(n):
     pass
-'''
+"""
 
-CONFTEST = f'''
+CONFTEST = f"""
 import importlib.util
-spec = importlib.util.spec_from_file_location("repo_conftest", {str(REPO / "tests" / "conftest.py")!r})
+path = {str(REPO / "tests" / "conftest.py")!r}
+spec = importlib.util.spec_from_file_location("repo_conftest", path)
 repo_conftest = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(repo_conftest)
 pytest_collection_modifyitems = repo_conftest.pytest_collection_modifyitems
-'''
+"""
 
 
 def test_a_module_fixture_is_built_on_one_worker_only(tmp_path):
