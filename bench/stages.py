@@ -458,6 +458,12 @@ FINETUNE_VARIANTS = {  # name: (AUGMENT, with the random-transform layers, what 
 }
 
 
+def _scratch_keras_home(ctx: Context, weights: str) -> dict | None:
+    """The child's environment for `weights`: random weights (the quick run's) are exported
+    into the scratch folder's KERAS_HOME, not the cache of real ones."""
+    return {"KERAS_HOME": str(ctx.work / "keras")} if weights == "random" else None
+
+
 def measure_litert(ctx: Context) -> dict:
     """LiteRT's forward pass against TensorFlow's bare one, for each offline backbone at its
     default size, in one child process, alternated round by round (tasks.task_litert)."""
@@ -465,12 +471,9 @@ def measure_litert(ctx: Context) -> dict:
 
     plan = ctx.plan
     names = list(plan.litert_backbones or offline_backbones())
-    # Random weights (the quick run's) are exported into the scratch folder, not the cache of
-    # real ones.
-    random = plan.litert_weights == "random"
     result = in_child(
         "litert",
-        env={"KERAS_HOME": str(ctx.work / "keras")} if random else None,
+        env=_scratch_keras_home(ctx, plan.litert_weights),
         backbones=names,
         weights=plan.litert_weights,
         batch_size=plan.batch_size,
@@ -527,10 +530,9 @@ def measure_cut_cache(ctx: Context) -> dict:
     cache, on the whole sample at the backbone's size (tasks.task_cut_cache)."""
     plan = ctx.plan
     arrays_dir = _sample_arrays(ctx, _input_size(plan.cut_cache_backbone))
-    random = plan.cut_cache_weights == "random"
     result = in_child(
         "cut_cache",
-        env={"KERAS_HOME": str(ctx.work / "keras")} if random else None,
+        env=_scratch_keras_home(ctx, plan.cut_cache_weights),
         arrays_dir=str(arrays_dir),
         backbone=plan.cut_cache_backbone,
         weights=plan.cut_cache_weights,
