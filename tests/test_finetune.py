@@ -22,7 +22,7 @@ import pytest
 import tensorflow as tf
 from conftest import write_kaggle_dataset
 
-from dogscats import arrays, config, finetune, train
+from dogscats import arrays, config, finetune, store, train
 from dogscats.backbones import build_backbone, get_backbone
 from dogscats.finetune import cache, callbacks, head_run, model, stage
 
@@ -361,6 +361,39 @@ def test_full_augmentation_starts_from_the_head_through_the_whole_network(finish
     assert len(pd.read_csv(out / "oof.csv")) == 16
 
 
+def _cache_settings(tiny) -> dict:
+    fingerprint = arrays.read_manifest(tiny["arrays_dir"])["fingerprint"]
+    return {
+        "weights": "w",
+        "input_size": SIZE,
+        "fingerprint": fingerprint,
+        "cache_dtype": "float32",
+    }
+
+
+def _cached(tiny, root, blocks: int, log=len) -> dict[str, np.ndarray]:
+    """The cut cache of BLOCKS=`blocks` under `root`, as make finetune gets it (built, derived
+    or found); batch 3, so the 16 and 4 rows end in a partial batch."""
+    spec = get_backbone(BACKBONE)
+    net = build_backbone(BACKBONE, weights=tiny["weights"], input_size=SIZE, pooling=None)
+    settings = _cache_settings(tiny)
+    job = stage.Job(
+        spec=spec,
+        blocks=blocks,
+        augment="flip",
+        weights="w",
+        weights_dir=None,
+        arrays_dir=tiny["arrays_dir"],
+        cache_root=root,
+        hp=finetune.Hyperparameters(batch_size=3),
+        settings={**settings, "cut": spec.blocks[-blocks - 1]},
+        progress=False,
+        log=log,
+    )
+    source, _ = stage._cached_source(job, model.cut_backbone(net, spec, blocks))
+    return {"train": np.asarray(source.train), "test": np.asarray(source.test)}
+
+
 @pytest.mark.backend
 def test_a_cut_above_a_cached_one_is_derived_from_the_nearest_without_the_bottom(
     tiny, tmp_path, monkeypatch
@@ -368,36 +401,11 @@ def test_a_cut_above_a_cached_one_is_derived_from_the_nearest_without_the_bottom
     """With BLOCKS=3 and BLOCKS=2 cached, BLOCKS=1's cache comes from BLOCKS=2's (the nearest):
     one block runs over its maps, plain and mirrored, and the bottom never sees an image.
     The maps equal those cached from the images."""
-    spec = get_backbone(BACKBONE)
-    net = build_backbone(BACKBONE, weights=tiny["weights"], input_size=SIZE, pooling=None)
-    fingerprint = arrays.read_manifest(tiny["arrays_dir"])["fingerprint"]
-    settings = {"weights": "w", "input_size": SIZE, "fingerprint": fingerprint}
-    settings["cache_dtype"] = "float32"
-
-    def job(root, blocks: int, log) -> stage.Job:
-        return stage.Job(
-            spec=spec,
-            blocks=blocks,
-            augment="flip",
-            weights="w",
-            weights_dir=None,
-            arrays_dir=tiny["arrays_dir"],
-            cache_root=root,
-            hp=finetune.Hyperparameters(batch_size=3),  # 16 and 4 rows: a partial last batch
-            settings={**settings, "cut": spec.blocks[-blocks - 1]},
-            progress=False,
-            log=log,
-        )
-
-    def cached(root, blocks: int, log=len) -> dict[str, np.ndarray]:
-        cut = model.cut_backbone(net, spec, blocks)
-        source, _ = stage._cached_source(job(root, blocks, log), cut)
-        return {"train": np.asarray(source.train), "test": np.asarray(source.test)}
-
+    spec, settings = get_backbone(BACKBONE), _cache_settings(tiny)
     shared, alone = tmp_path / "shared", tmp_path / "alone"
-    expected = cached(alone, 1)
+    expected = _cached(tiny, alone, 1)
     for blocks in (2, 3):  # both from the images, so no error can cancel out over two derivations
-        cached(shared, blocks)
+        _cached(tiny, shared, blocks)
     assert cache.lower_cache(shared, spec, 3, settings, tiny["arrays_dir"]) is None
     nearest = cache.lower_cache(shared, spec, 1, settings, tiny["arrays_dir"])
     assert nearest is not None and nearest.cut == spec.blocks[-3]  # BLOCKS=2's cut
@@ -407,12 +415,38 @@ def test_a_cut_above_a_cached_one_is_derived_from_the_nearest_without_the_bottom
 
     monkeypatch.setattr(cache.litert, "forward", no_bottom)
     lines: list[str] = []
-    derived = cached(shared, 1, lines.append)
+    derived = _cached(tiny, shared, 1, lines.append)
     assert sum("Deriving" in line and nearest.folder.name in line for line in lines) == 2
     for split in ("train", "test"):
         assert derived[split].shape == expected[split].shape
         assert np.abs(expected[split]).max() > 0.05
         np.testing.assert_allclose(derived[split], expected[split], rtol=1e-5, atol=1e-5)
+
+
+def test_an_interrupted_cache_resumes_only_by_the_route_it_began(tiny, tmp_path):
+    """A split begun from the images and stopped is not finished from a lower cache (nor the
+    other way round): the two agree within rounding only, so a cache is one route's output.
+    A marker in the rows already written shows whether they were kept."""
+    spec, settings = get_backbone(BACKBONE), _cache_settings(tiny)
+    _cached(tiny, tmp_path, 2)
+    derived = _cached(tiny, tmp_path, 1)["train"]
+    lower = cache.lower_cache(tmp_path, spec, 1, settings, tiny["arrays_dir"])
+    path = cache.cache_folder(tmp_path, BACKBONE, spec.blocks[-2], settings) / "train.npy"
+
+    def interrupted_after_three_rows(route: str) -> None:
+        partial = store.partial_path(path)
+        rows = np.lib.format.open_memmap(partial, "w+", "float32", derived.shape)
+        rows[:3] = 1e3
+        rows.flush()
+        partial.with_suffix(".json").write_text(json.dumps({"rows_done": 3, "from": route}))
+        path.unlink()
+
+    interrupted_after_three_rows("images")
+    np.testing.assert_array_equal(_cached(tiny, tmp_path, 1)["train"], derived)  # begun afresh
+    interrupted_after_three_rows(lower.folder.name)
+    resumed = _cached(tiny, tmp_path, 1)["train"]
+    assert (resumed[:3] == 1e3).all()  # the same route: its rows are kept
+    np.testing.assert_array_equal(resumed[3:], derived[3:])
 
 
 def test_a_cache_cut_short_below_is_not_derived_from(tiny, tmp_path):

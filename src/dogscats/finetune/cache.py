@@ -105,7 +105,8 @@ def build_cache(
                 f"Deriving {split} maps at {cut.layer} in {path} from the cache at "
                 f"{between.lower_layer} ({lower.folder.name}): only the blocks between run"
             )
-            _fill_split(path, lower_maps, None, between, batch_size, dtype, progress)
+            route = lower.folder.name
+            _fill_split(path, lower_maps, None, between, batch_size, dtype, progress, route)
         if not path.is_file():
             images, index = arrays.load_split(arrays_dir, split)
             check = arrays.row_check(arrays_dir, split, index)  # rows against their digests
@@ -124,7 +125,7 @@ def build_cache(
                 )
                 log(f"Cut cache forward pass: {forward.placement.describe()}")
             log(f"Caching {split} maps at {cut.layer} in {path}")
-            _fill_split(path, images, check, forward, batch_size, dtype, progress)
+            _fill_split(path, images, check, forward, batch_size, dtype, progress, "images")
         maps[split] = np.load(path, mmap_mode="r")
     return maps
 
@@ -175,42 +176,55 @@ def drop_stale_caches(root: Path, source: dict, log: Log) -> None:
 
 
 def _fill_split(
-    path: Path, images, check, forward, batch_size: int, dtype: str, progress: bool
+    path: Path,
+    images,
+    check,
+    forward,
+    batch_size: int,
+    dtype: str,
+    progress: bool,
+    route: str,
 ) -> None:
     """Write one split under its partial name, batch by batch; rename when complete.
-    `check` (arrays.RowCheck) sees every batch of images as read.
+    `check` (arrays.RowCheck) sees every batch of images as read. `route`: where the maps come
+    from ("images", or the lower cache's folder name).
 
-    The rows done are recorded after each flushed batch, so an interrupted run continues.
+    The rows done are recorded after each flushed batch, so an interrupted run continues, by
+    the same route only: the two routes agree within float32 rounding, not bit for bit, and a
+    cache is one route's output.
     """
     partial = store.partial_path(path)
-    state = partial.with_suffix(".json")  # the resume point: {"rows_done": n}
+    state = partial.with_suffix(".json")  # the resume point: {"rows_done": n, "from": route}
     map_shape = forward.output_shape
     shape = (len(images), 2, *map_shape)
-    done = _rows_done(partial, state, shape, dtype)
+    done = _rows_done(partial, state, shape, dtype, route)
     mode = "r+" if done else "w+"
     maps = np.lib.format.open_memmap(partial, mode=mode, dtype=dtype, shape=shape)
-    _write_rows(maps, state, images, check, forward, batch_size, done, path.stem, progress)
+    write = _row_writer(maps, state, route)
+    run_forward(images, forward, batch_size, write, done, path.stem, progress, check=check)
     store.move_into_place(partial, path)
     store.remove(state)
 
 
-def _write_rows(maps, state, images, check, forward, batch_size, done, desc, progress) -> None:
-    """Run the bottom over rows done.. into `maps`, recording each batch in `state`."""
+def _row_writer(maps, state: Path, route: str):
+    """The write callback of run_forward: a batch of plain and mirrored maps into `maps`,
+    then its end recorded in `state`."""
 
     def write(first: int, outputs: list[np.ndarray]) -> None:
         plain, mirrored = outputs
         maps[first : first + len(plain), 0] = plain
         maps[first : first + len(plain), 1] = mirrored
         maps.flush()  # the rows first, then the count that says they are there
-        store.write_json(state, {"rows_done": first + len(plain)})
+        store.write_json(state, {"rows_done": first + len(plain), "from": route})
 
-    run_forward(images, forward, batch_size, write, done, desc, progress=progress, check=check)
+    return write
 
 
-def _rows_done(partial: Path, state: Path, shape: tuple, dtype: str) -> int:
-    """Rows already in a partial cache file of the same shape, else 0 (start afresh)."""
+def _rows_done(partial: Path, state: Path, shape: tuple, dtype: str, route: str) -> int:
+    """Rows already in a partial cache file of the same shape, dtype and route, else 0 (start
+    afresh)."""
     recorded = store.read_json(state)
-    if recorded is None:
+    if recorded is None or recorded.get("from") != route:
         return 0
     try:
         existing = np.load(partial, mmap_mode="r")
