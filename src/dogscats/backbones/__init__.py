@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dogscats.backbones import entries as _entries  # noqa: F401  (fills the registry)
 from dogscats.backbones.registry import (
+    OFFLINE_SETS,
     BackboneSpec,
     check_name,
     closest_names,
@@ -45,6 +46,7 @@ from dogscats.backbones.weights import (
 )
 
 __all__ = [
+    "OFFLINE_SETS",
     "WEIGHT_MODES",
     "BackboneSpec",
     "KerasWeights",

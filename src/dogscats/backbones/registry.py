@@ -142,11 +142,18 @@ def get_backbone(name: str) -> BackboneSpec:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(
-            f"Unknown backbone {name!r}.{_did_you_mean(name)} Valid names: "
-            f"{', '.join(list_backbones())}, or a source: "
-            f"{', '.join(p + ':...' for p in source_prefixes())}. Received: {name!r}"
-        ) from None
+        raise ValueError(_unknown(name)) from None
+
+
+def _unknown(name: str, groups: tuple[str, ...] = ()) -> str:
+    """The error for a name that is neither registered nor a source; `groups`: the group
+    words the setting also takes (BACKBONES: OFFLINE_SETS), hinted and listed first."""
+    listed = [f"{group} (= {' '.join(offline_backbones(group))})" for group in groups]
+    return (
+        f"Unknown backbone {name!r}.{did_you_mean(name, [*groups, *list_backbones()])} "
+        f"Valid names: {', '.join([*listed, *list_backbones()])}, or a source: "
+        f"{', '.join(p + ':...' for p in source_prefixes())}. Received: {name!r}"
+    )
 
 
 def closest_names(name: str, count: int = 3) -> list[str]:
@@ -159,10 +166,6 @@ def did_you_mean(name: str, choices, count: int = 3, cutoff: float = 0.5) -> str
     wording of every such hint (backbones, presets, layers)."""
     close = difflib.get_close_matches(name, list(choices), n=count, cutoff=cutoff)
     return f" Did you mean: {', '.join(close)}?" if close else ""
-
-
-def _did_you_mean(name: str) -> str:
-    return did_you_mean(name, list_backbones())
 
 
 # The words that stand for a group of offline backbones in BACKBONES and its kin.
@@ -182,6 +185,8 @@ def expand_names(names: str | list[str]) -> list[str]:
     words = names.split() if isinstance(names, str) else list(names)
     expanded: list[str] = []
     for word in words:
+        if word not in OFFLINE_SETS and word not in _REGISTRY and _source(word) is None:
+            raise ValueError(_unknown(word, OFFLINE_SETS))
         group = offline_backbones(word) if word in OFFLINE_SETS else [check_name(word)]
         expanded.extend(n for n in group if n not in expanded)
     if not expanded:
