@@ -111,6 +111,21 @@ def test_score_names_missing_ids(tmp_path):
         sub.score(guess, truth)
 
 
+def test_score_refuses_labels_that_are_not_0_or_1(tmp_path):
+    """A submission given as LABELS (sample_submission.csv: every label 0.5) is refused, not
+    scored as if it were the truth."""
+    truth = tmp_path / "sample_submission.csv"
+    pd.DataFrame({"id": [1, 2], "label": [0.5, 0.5]}).to_csv(truth, index=False)
+    guess = tmp_path / "sub.csv"
+    pd.DataFrame({"id": [1, 2], "label": [0.2, 0.6]}).to_csv(guess, index=False)
+    with pytest.raises(sub.SubmissionError) as caught:
+        sub.score(guess, truth)
+    assert str(caught.value) == (
+        f"Labels {truth} rejected: true labels are 0 (cat) or 1 (dog); 2 are not, e.g. "
+        "[0.5, 0.5]. Give the labels file (LABELS=...), not a submission."
+    )
+
+
 # Every file the competition's scorer would refuse, as text: `make score` refuses it too.
 @pytest.mark.parametrize(
     ("text", "message"),
