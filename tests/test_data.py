@@ -90,6 +90,19 @@ def test_ensure_data_present_is_a_no_op(tmp_path):
     assert ensure_data(tmp_path) == tmp_path.resolve()
 
 
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_data_dir_set_to_a_split_folder_names_its_parent(tmp_path, split):
+    touch(tmp_path / "train", "cat.0.jpg")
+    touch(tmp_path / "test", "1.jpg")
+    with pytest.raises(DataMissingError) as info:
+        ensure_data(tmp_path / split)
+    root = tmp_path.resolve()
+    assert str(info.value) == (
+        f"DATA_DIR={root / split} is the competition's {split}/ folder: give the folder that "
+        f"holds train/ and test/, DATA_DIR={root}"
+    )
+
+
 def test_ensure_data_extracts_competition_zip(tmp_path):
     competition_zip(tmp_path)
     ensure_data(tmp_path)

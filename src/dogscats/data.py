@@ -148,6 +148,7 @@ def ensure_data(data_dir: str | os.PathLike) -> Path:
         print(f"Data present: {root}/train and {root}/test")
         _warn_missing_sample(root)
         return root
+    _check_not_a_split_folder(root)
     _check_half_present(root)
     if not _zips_present(root):
         _check_writable(root, "download the competition into it")
@@ -165,6 +166,16 @@ def ensure_data(data_dir: str | os.PathLike) -> Path:
 
 def _missing_splits(root: Path) -> list[str]:
     return [split for split in SPLITS if not (root / split).is_dir()]
+
+
+def _check_not_a_split_folder(root: Path) -> None:
+    """DATA_DIR set to the train/ or test/ folder itself: name its parent, rather than ask for
+    the whole download."""
+    if root.name in SPLITS and has_data(root.parent):
+        raise DataMissingError(
+            f"DATA_DIR={root} is the competition's {root.name}/ folder: give the folder that "
+            f"holds train/ and test/, DATA_DIR={root.parent}"
+        )
 
 
 def _check_half_present(root: Path) -> None:
