@@ -123,6 +123,20 @@ def test_the_table_lists_every_run_with_its_numbers_best_first(dataset, tmp_path
     assert "<td>efficientnet_lite0 + resnet50</td>" in "".join(rows)
 
 
+def test_a_blend_shows_how_many_runs_it_blends_and_weights(dataset):
+    data_dir, _ = dataset
+    weights = {"a": 0.6, "b": 0.0, "c": 0.3}
+    blend_dir = fake_run(
+        data_dir, "blend__3runs-0123abcd", 4, {"head": "blend", "weights": weights}
+    )
+    try:
+        row = report.table.read_row(data_dir, blend_dir, labels=None)
+        assert (row.backbones, row.head) == (["3 runs, 2 weighted"], "blend")
+    finally:
+        shutil.rmtree(blend_dir)
+        config.submission_path(data_dir, blend_dir.name).unlink()
+
+
 def test_test_log_loss_is_the_score_functions(dataset):
     data_dir, run_dirs = dataset
     rows = report.table.read_rows(data_dir, data_dir / "test_labels.csv")

@@ -105,7 +105,9 @@ def _table(page: Page) -> str:
     head = (
         "<thead><tr><th>#</th><th>backbones</th><th>head</th><th>TTA</th><th>folds</th>"
         "<th>OOF log loss ± folds</th><th>OOF accuracy ± folds</th><th>clip</th>"
-        "<th>test log loss</th><th>test accuracy</th><th>wall (m:s)</th></tr></thead>"
+        "<th>test log loss</th><th>test accuracy</th>"
+        "<th title=\"the run's own step (train, finetune or blend), not the arrays and "
+        'features it read">step time (m:s)</th></tr></thead>'
     )
     body = []
     for rank, row in enumerate(page.rows, 1):

@@ -44,7 +44,12 @@ class RunRow:
 
 
 def _describe(metrics: dict) -> tuple[list[str], str]:
-    """Backbones and head of a run, from what its stage recorded."""
+    """Backbones and head of a run, from what its stage recorded. A blend has no backbones
+    of its own: it shows how many runs it blends and how many got a weight."""
+    if metrics.get("head") == "blend":
+        weights = metrics.get("weights", {})
+        weighted = sum(weight > 0 for weight in weights.values())
+        return [f"{len(weights)} runs, {weighted} weighted"], "blend"
     if metrics.get("head") == "finetune":
         blocks, augment = int(metrics.get("blocks", 1)), metrics.get("augment", "flip")
         head = f"fine-tune {blocks} block" + ("s" if blocks != 1 else "")
