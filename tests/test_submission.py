@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -109,6 +110,22 @@ def test_score_names_missing_ids(tmp_path):
         sub.SubmissionError, match=r"sub.csv rejected: 1 ids missing, e.g. \['2'\]"
     ):
         sub.score(guess, truth)
+
+
+def test_a_missing_submission_names_the_ones_beside_it_newest_first(tmp_path):
+    truth = tmp_path / "labels.csv"
+    pd.DataFrame({"id": [1, 2], "label": [1, 0]}).to_csv(truth, index=False)
+    folder = tmp_path / "submissions"
+    folder.mkdir()
+    for age, name in enumerate(["newest.csv", "older.csv"]):
+        (folder / name).write_text("id,label\n")
+        os.utime(folder / name, (1e9 - age, 1e9 - age))
+    with pytest.raises(FileNotFoundError) as caught:
+        sub.score(folder / "wanted.csv", truth)
+    assert str(caught.value) == (
+        f"{folder / 'wanted.csv'} not found: give the submission CSV to score (SUBMISSION=...); "
+        f"{folder} holds, newest first: newest.csv, older.csv"
+    )
 
 
 def test_score_refuses_labels_that_are_not_0_or_1(tmp_path):

@@ -109,7 +109,16 @@ def read_csv(path: str | os.PathLike, what: str) -> pd.DataFrame:
 
 
 def read_submission(path: str | os.PathLike) -> pd.DataFrame:
-    return read_csv(path, "give the submission CSV to score (SUBMISSION=...)")
+    """The submission to score; when it is missing, the error names the submissions beside it
+    (the default SUBMISSION follows BACKBONES and HEAD, which may differ from the run's)."""
+    what = "give the submission CSV to score (SUBMISSION=...)"
+    folder = Path(path).parent
+    if not Path(path).is_file() and folder.is_dir():
+        beside = sorted(folder.glob("*.csv"), key=lambda csv: csv.stat().st_mtime, reverse=True)
+        if beside:
+            names = messages.some_names(csv.name for csv in beside)
+            what += f"; {folder} holds, newest first: {names}"
+    return read_csv(path, what)
 
 
 def read_ids(sample_submission: str | os.PathLike) -> pd.Series:
