@@ -99,6 +99,8 @@ setup: $(SETUP) ## create .venv and install the package with its dependencies
 $(SETUP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	@echo "Installing dogscats and its dependencies into $(VENV) (TensorFlow, JAX, OpenCV, ...:"
+	@echo "about 3.5 GB; several minutes the first time, quiet until done) ..."
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
