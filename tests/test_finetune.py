@@ -449,6 +449,35 @@ def test_an_interrupted_cache_resumes_only_by_the_route_it_began(tiny, tmp_path)
     np.testing.assert_array_equal(resumed[3:], derived[3:])
 
 
+def test_a_route_stopped_before_its_first_batch_leaves_no_stale_resume_point(
+    tiny, tmp_path, monkeypatch
+):
+    """Begun from the images, then stopped again while the other route had wiped the partial
+    file but written no batch yet: the next run from the images starts afresh, rather than
+    trust the old count over the wiped rows."""
+    spec, settings = get_backbone(BACKBONE), _cache_settings(tiny)
+    expected = _cached(tiny, tmp_path / "alone", 1)["train"]
+    _cached(tiny, tmp_path, 2)
+    lower = cache.lower_cache(tmp_path, spec, 1, settings, tiny["arrays_dir"])
+    path = cache.cache_folder(tmp_path, BACKBONE, spec.blocks[-2], settings) / "train.npy"
+    partial = store.partial_path(path)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    rows = np.lib.format.open_memmap(partial, "w+", "float32", expected.shape)
+    rows[:3] = expected[:3]
+    rows.flush()
+    partial.with_suffix(".json").write_text(json.dumps({"rows_done": 3, "from": "images"}))
+
+    def stopped(self, batch):
+        raise Interrupted("stopped before the first derived batch")
+
+    monkeypatch.setattr(cache._Between, "__call__", stopped)
+    with pytest.raises(Interrupted):
+        _cached(tiny, tmp_path, 1)
+    monkeypatch.undo()
+    shutil.rmtree(lower.folder)  # so the images route is taken again
+    np.testing.assert_array_equal(_cached(tiny, tmp_path, 1)["train"], expected)
+
+
 def test_a_cache_cut_short_below_is_not_derived_from(tiny, tmp_path):
     """Only a whole lower cache serves: one missing a split, or with too few rows, does not."""
     spec = get_backbone(BACKBONE)

@@ -171,7 +171,7 @@ def _missing_splits(root: Path) -> list[str]:
 def _check_not_a_split_folder(root: Path) -> None:
     """DATA_DIR set to the train/ or test/ folder itself: name its parent, rather than ask for
     the whole download."""
-    if root.name in SPLITS and has_data(root.parent):
+    if root.name in SPLITS and has_data(root.parent) and not _zips_present(root):
         raise DataMissingError(
             f"DATA_DIR={root} is the competition's {root.name}/ folder: give the folder that "
             f"holds train/ and test/, DATA_DIR={root.parent}"

@@ -222,7 +222,8 @@ def score(submission: str | os.PathLike, labels: str | os.PathLike) -> dict[str,
     if guesses.any():  # e.g. sample_submission.csv given as LABELS: a score of nothing
         raise SubmissionError(
             f"Labels {labels} rejected: true labels are 0 (cat) or 1 (dog); "
-            f"{int(guesses.sum())} are not, e.g. {truth['label'][guesses].tolist()[:5]}. "
+            f"{int(guesses.sum())} {'is' if guesses.sum() == 1 else 'are'} not, e.g. "
+            f"{truth['label'][guesses].tolist()[:5]}. "
             "Give the labels file (LABELS=...), not a submission."
         )
     sub = check_submission(

@@ -198,6 +198,8 @@ def _fill_split(
     map_shape = forward.output_shape
     shape = (len(images), 2, *map_shape)
     done = _rows_done(partial, state, shape, dtype, route)
+    if not done:  # forget the old resume point before the file it describes is wiped
+        store.remove(state)
     mode = "r+" if done else "w+"
     maps = np.lib.format.open_memmap(partial, mode=mode, dtype=dtype, shape=shape)
     write = _row_writer(maps, state, route)

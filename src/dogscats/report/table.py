@@ -48,7 +48,7 @@ def _describe(metrics: dict) -> tuple[list[str], str]:
     of its own: it shows how many runs it blends and how many got a weight."""
     if metrics.get("head") == "blend":
         weights = metrics.get("weights", {})
-        weighted = sum(weight > 0 for weight in weights.values())
+        weighted = sum(round(weight, 4) > 0 for weight in weights.values())  # as printed
         return [f"{len(weights)} runs, {weighted} weighted"], "blend"
     if metrics.get("head") == "finetune":
         blocks, augment = int(metrics.get("blocks", 1)), metrics.get("augment", "flip")
