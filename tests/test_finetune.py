@@ -423,59 +423,45 @@ def test_a_cut_above_a_cached_one_is_derived_from_the_nearest_without_the_bottom
         np.testing.assert_allclose(derived[split], expected[split], rtol=1e-5, atol=1e-5)
 
 
-def test_an_interrupted_cache_resumes_only_by_the_route_it_began(tiny, tmp_path):
+def test_an_interrupted_cache_resumes_only_by_the_route_it_began(tiny, tmp_path, monkeypatch):
     """A split begun from the images and stopped is not finished from a lower cache (nor the
     other way round): the two agree within rounding only, so a cache is one route's output.
-    A marker in the rows already written shows whether they were kept."""
+    A marker in the rows already written shows whether they were kept. And a route that
+    starts afresh and is stopped before its first batch leaves no old count over the rows it
+    wiped: the route before it then starts afresh too."""
     spec, settings = get_backbone(BACKBONE), _cache_settings(tiny)
+    from_images = _cached(tiny, tmp_path / "alone", 1)["train"]
     _cached(tiny, tmp_path, 2)
     derived = _cached(tiny, tmp_path, 1)["train"]
     lower = cache.lower_cache(tmp_path, spec, 1, settings, tiny["arrays_dir"])
     path = cache.cache_folder(tmp_path, BACKBONE, spec.blocks[-2], settings) / "train.npy"
 
-    def interrupted_after_three_rows(route: str) -> None:
+    def interrupted_after_three_rows(route: str, first_rows) -> None:
         partial = store.partial_path(path)
         rows = np.lib.format.open_memmap(partial, "w+", "float32", derived.shape)
-        rows[:3] = 1e3
+        rows[:3] = first_rows
         rows.flush()
         partial.with_suffix(".json").write_text(json.dumps({"rows_done": 3, "from": route}))
-        path.unlink()
+        path.unlink(missing_ok=True)
 
-    interrupted_after_three_rows("images")
+    interrupted_after_three_rows("images", 1e3)
     np.testing.assert_array_equal(_cached(tiny, tmp_path, 1)["train"], derived)  # begun afresh
-    interrupted_after_three_rows(lower.folder.name)
+    interrupted_after_three_rows(lower.folder.name, 1e3)
     resumed = _cached(tiny, tmp_path, 1)["train"]
     assert (resumed[:3] == 1e3).all()  # the same route: its rows are kept
     np.testing.assert_array_equal(resumed[3:], derived[3:])
 
-
-def test_a_route_stopped_before_its_first_batch_leaves_no_stale_resume_point(
-    tiny, tmp_path, monkeypatch
-):
-    """Begun from the images, then stopped again while the other route had wiped the partial
-    file but written no batch yet: the next run from the images starts afresh, rather than
-    trust the old count over the wiped rows."""
-    spec, settings = get_backbone(BACKBONE), _cache_settings(tiny)
-    expected = _cached(tiny, tmp_path / "alone", 1)["train"]
-    _cached(tiny, tmp_path, 2)
-    lower = cache.lower_cache(tmp_path, spec, 1, settings, tiny["arrays_dir"])
-    path = cache.cache_folder(tmp_path, BACKBONE, spec.blocks[-2], settings) / "train.npy"
-    partial = store.partial_path(path)
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    rows = np.lib.format.open_memmap(partial, "w+", "float32", expected.shape)
-    rows[:3] = expected[:3]
-    rows.flush()
-    partial.with_suffix(".json").write_text(json.dumps({"rows_done": 3, "from": "images"}))
+    interrupted_after_three_rows("images", from_images[:3])
 
     def stopped(self, batch):
         raise Interrupted("stopped before the first derived batch")
 
     monkeypatch.setattr(cache._Between, "__call__", stopped)
     with pytest.raises(Interrupted):
-        _cached(tiny, tmp_path, 1)
+        _cached(tiny, tmp_path, 1)  # derivation begins afresh, wiping the three rows
     monkeypatch.undo()
     shutil.rmtree(lower.folder)  # so the images route is taken again
-    np.testing.assert_array_equal(_cached(tiny, tmp_path, 1)["train"], expected)
+    np.testing.assert_array_equal(_cached(tiny, tmp_path, 1)["train"], from_images)
 
 
 def test_a_cache_cut_short_below_is_not_derived_from(tiny, tmp_path):
