@@ -138,8 +138,8 @@ def test_score_refuses_labels_that_are_not_0_or_1(tmp_path):
     with pytest.raises(sub.SubmissionError) as caught:
         sub.score(guess, truth)
     assert str(caught.value) == (
-        f"Labels {truth} rejected: true labels are 0 (cat) or 1 (dog); 2 are not, e.g. "
-        "[0.5, 0.5]. Give the labels file (LABELS=...), not a submission."
+        f"Labels {truth} rejected: true labels are 0 (cat) or 1 (dog); 2 label(s) are not, "
+        "e.g. [0.5, 0.5]. Give the labels file (LABELS=...), not a submission."
     )
 
 

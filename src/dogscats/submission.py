@@ -218,12 +218,11 @@ def score(submission: str | os.PathLike, labels: str | os.PathLike) -> dict[str,
     frame = read_csv(labels, "give the true labels as an id,label CSV (LABELS=...)")
     own_ids = frame["id"].str.strip() if "id" in frame else pd.Series(dtype=str)
     truth = check_submission(frame, own_ids, ordered=False, source=f"Labels {labels}")
-    guesses = ~truth["label"].isin([0, 1])
-    if guesses.any():  # e.g. sample_submission.csv given as LABELS: a score of nothing
+    guesses = truth["label"][~truth["label"].isin([0, 1])]
+    if len(guesses):  # e.g. sample_submission.csv given as LABELS: a score of nothing
         raise SubmissionError(
-            f"Labels {labels} rejected: true labels are 0 (cat) or 1 (dog); "
-            f"{int(guesses.sum())} {'is' if guesses.sum() == 1 else 'are'} not, e.g. "
-            f"{truth['label'][guesses].tolist()[:5]}. "
+            f"Labels {labels} rejected: true labels are 0 (cat) or 1 (dog); {len(guesses):,} "
+            f"label(s) are not, e.g. {guesses.tolist()[:5]}. "
             "Give the labels file (LABELS=...), not a submission."
         )
     sub = check_submission(

@@ -114,8 +114,7 @@ def _write_report(data_dir, out: Path, run, k: int, labels, progress: bool, log)
         store.write_text(out, page.render(content))
         bar.update(1)
     log(
-        f"Wrote {out} ({len(rows)} run{'s' * (len(rows) != 1)}; run shown: {picked.name}) "
-        f"and {exclude} "
+        f"Wrote {out} ({len(rows)} run(s); run shown: {picked.name}) and {exclude} "
         f"in {time.monotonic() - began:.1f} s"
     )
     return out
